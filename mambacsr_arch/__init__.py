@@ -1,0 +1,29 @@
+"""mambacsr_arch: MambaCSR and HAT for compressed image super-resolution, as a BasicSR plugin.
+
+Importing this package applies the compatibility shims (:mod:`mambacsr_arch._compat`) and then
+registers, in BasicSR's registries (see :mod:`mambacsr_arch.registry`):
+
+* ARCH: ``MambaCSR``, ``HAT``, ``DISBlock``, ``CrossScaleBlock``
+* DATASET: ``JPEGDegradedPairedDataset``
+* MODEL: ``MambaCSRModel``, ``HATModel``
+
+each also as ``mambacsr_arch.<Name>``. Module tree::
+
+    mambacsr_arch/
+      ops/        selective_scan dispatch + backends (mamba_ssm, cpu, torch, reference)
+      dis.py      token orders: parse_direction, window_scan/merge, cross_scale_scan/merge
+      archs/      ss2d (multi-direction scan mixer), blocks, MambaCSR, HAT
+      data/       degradations, JPEGDegradedPairedDataset, prepare-csr
+      models/     MambaCSRModel, HATModel (padding, tiling, loading, DDP, atomic saves)
+      cli/        `basicsr train|test|infer|eval|prepare-csr|env`
+
+Nothing here imports ``mamba_ssm`` or initialises CUDA at import time.
+"""
+from . import _compat
+from .version import __version__
+
+_compat.apply()
+
+from . import archs, data, models  # noqa: E402,F401  (registration side effects)
+
+__all__ = ['__version__', 'archs', 'data', 'models']

@@ -1,0 +1,1 @@
+"""Architectures; importing this package registers them in BasicSR's ARCH_REGISTRY."""

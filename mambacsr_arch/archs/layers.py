@@ -1,0 +1,103 @@
+"""Small layers shared by MambaCSR and HAT, named as in the official checkpoints.
+
+BasicSR already provides ``Upsample`` (conv + pixel-shuffle stack), ``to_2tuple`` and
+``trunc_normal_`` in :mod:`basicsr.archs.arch_util`; import those from there.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation gate (RCAN). (B, C, H, W) -> (B, C, H, W).
+
+    Keys: ``attention.1`` and ``attention.3`` are the two 1x1 convolutions.
+    """
+
+    def __init__(self, num_feat: int, squeeze_factor: int = 16) -> None:
+        super().__init__()
+        hidden = num_feat // squeeze_factor
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(num_feat, hidden, 1, padding=0),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, num_feat, 1, padding=0),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
+
+
+class CAB(nn.Module):
+    """Channel attention block: conv 3x3 (C -> C/compress), GELU, conv 3x3 back, SE gate.
+
+    (B, C, H, W) -> (B, C, H, W). Keys: ``cab.0``, ``cab.2``, ``cab.3.attention.*``.
+    """
+
+    def __init__(self, num_feat: int, compress_ratio: int = 3, squeeze_factor: int = 30) -> None:
+        super().__init__()
+        hidden = num_feat // compress_ratio
+        self.cab = nn.Sequential(
+            nn.Conv2d(num_feat, hidden, 3, 1, 1),
+            nn.GELU(),
+            nn.Conv2d(hidden, num_feat, 3, 1, 1),
+            ChannelAttention(num_feat, squeeze_factor),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cab(x)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C) tokens, with an optional LayerNorm (key ``norm``).
+
+    ``img_size``/``patch_size`` are kept for API compatibility with the official code;
+    patches are always 1x1 there and here.
+    """
+
+    def __init__(self, img_size=64, patch_size=1, in_chans: int = 3, embed_dim: int = 96,
+                 norm_layer: Optional[type] = None) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+class PatchUnEmbed(nn.Module):
+    """(B, H*W, C) tokens -> (B, C, H, W) feature map. No parameters."""
+
+    def __init__(self, img_size=64, patch_size=1, in_chans: int = 3, embed_dim: int = 96,
+                 norm_layer: Optional[type] = None) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+
+    def forward(self, x: torch.Tensor, x_size: Sequence[int]) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], self.embed_dim, x_size[0], x_size[1])
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'reflect') -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Pad (B, C, H, W) at the bottom/right so H and W become multiples of ``multiple``.
+
+    ``reflect`` needs pad < size; when the image is too small for that we fall back to
+    ``replicate`` instead of failing (only for such tiny inputs).
+    Returns the padded tensor and the original (H, W) for cropping the output back.
+    """
+    h, w = x.shape[-2:]
+    pad_h = (multiple - h % multiple) % multiple
+    pad_w = (multiple - w % multiple) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x, (h, w)
+    if mode == 'reflect' and (pad_h >= h or pad_w >= w):
+        mode = 'replicate'
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)

@@ -1,0 +1,60 @@
+"""Packaging for mambacsr-arch, a BasicSR plugin for compressed image super-resolution.
+
+Requirements are deliberately loose for users; the CI/dev stack is pinned in
+``requirements/constraints-cpu.txt``.
+"""
+import os.path as osp
+
+from setuptools import find_packages, setup
+
+HERE = osp.dirname(osp.abspath(__file__))
+
+
+def read_version() -> str:
+    namespace = {}
+    with open(osp.join(HERE, 'mambacsr_arch', 'version.py'), encoding='utf-8') as f:
+        exec(f.read(), namespace)
+    return namespace['__version__']
+
+
+def read_readme() -> str:
+    with open(osp.join(HERE, 'README.md'), encoding='utf-8') as f:
+        return f.read()
+
+
+setup(
+    name='mambacsr-arch',
+    version=read_version(),
+    description='MambaCSR and HAT for compressed image super-resolution, as a BasicSR plugin',
+    long_description=read_readme(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.9',
+    packages=find_packages(include=['mambacsr_arch', 'mambacsr_arch.*']),
+    include_package_data=True,
+    install_requires=[
+        'basicsr>=1.4.2',
+        'torch>=2.1',
+        'einops',
+        'opencv-python',
+        'lmdb',
+        'pyyaml',
+        'numpy',
+        'numba>=0.59',  # the CPU selective-scan kernel
+        'scikit-image',  # embedded demo photos (also a basicsr dependency)
+        'tqdm',
+    ],
+    extras_require={
+        # Built against the user's CUDA torch; only ever imported inside mambacsr_arch.ops.
+        'cuda': ['mamba-ssm', 'causal-conv1d'],
+        'dev': ['pytest', 'pytest-timeout'],
+    },
+    entry_points={
+        'console_scripts': ['basicsr=mambacsr_arch.cli.main:main'],
+    },
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Image Processing',
+        'Framework :: Pytest',
+    ],
+)
