@@ -1,0 +1,31 @@
+"""Selective scan (Mamba's S6 recurrence) with interchangeable backends; knows nothing about images.
+
+Public API
+----------
+``selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+return_last_state=False, backend=None)``
+    Same call and semantics as ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``:
+    u, delta (batch, dim, L); A (dim, N); B, C (batch, groups, N, L) or (batch, N, L); D,
+    delta_bias (dim,); z (batch, dim, L) gate ``y * silu(z)``. Float32 math with autocast
+    disabled, output in u's dtype; ``return_last_state`` also returns the (batch, dim, N) state.
+``available_backends() -> dict[str, str | None]``
+    Backend name -> None if usable here, else the reason (with the install command).
+``resolve_backend(device, backend=None) -> (name, reason)``
+    The backend :func:`selective_scan` would use for tensors on ``device``.
+
+Backends
+--------
+``mamba_ssm``  the CUDA kernel of the ``mamba_ssm`` package (``pip install 'mambacsr-arch[cuda]'``),
+               imported lazily, never at package import.
+``cpu``        fused, exact numba kernel for CPU tensors; forward and backward; chunk checkpoints
+               keep backward memory O(batch * dim * L).
+``torch``      portable chunked PyTorch (any device), stable, bounded memory via checkpointing.
+``reference``  the plain sequential loop; for tests only.
+
+Selection: ``backend=`` argument > ``MAMBACSR_SCAN_BACKEND`` environment variable > automatic
+(``mamba_ssm`` for CUDA if importable else ``torch``; ``cpu`` for CPU tensors if numba imports else
+``torch``). The choice is logged once per process on logger ``mambacsr_arch``.
+"""
+from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
+
+__all__ = ['selective_scan', 'available_backends', 'resolve_backend', 'BACKENDS', 'ENV_VAR']

@@ -1,0 +1,171 @@
+"""Backend selection and the public :func:`selective_scan` entry point.
+
+Selection rule (first that applies):
+
+1. the ``backend=`` argument;
+2. the environment variable ``MAMBACSR_SCAN_BACKEND``;
+3. automatic: CUDA tensors use ``mamba_ssm`` if it imports, else ``torch``; CPU tensors use ``cpu``
+   (the numba kernel) if numba imports, else ``torch``; other devices use ``torch``.
+
+An explicit request (1 or 2) that cannot be honoured raises an error naming the missing package and
+the install command. The choice is logged once per (device type, backend) per process on logger
+``mambacsr_arch``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import mamba_ssm_backend, reference, torch_scan
+
+ENV_VAR = 'MAMBACSR_SCAN_BACKEND'
+BACKENDS = ('mamba_ssm', 'cpu', 'torch', 'reference')
+logger = logging.getLogger('mambacsr_arch')
+_LOGGED: Set[Tuple[str, str]] = set()
+
+
+def _cpu_module():
+    from . import cpu_scan  # deferred: numba is imported only when the cpu backend is considered
+    return cpu_scan
+
+
+def _unavailable(name: str) -> Optional[str]:
+    if name == 'mamba_ssm':
+        return mamba_ssm_backend.unavailable_reason()
+    if name == 'cpu':
+        return _cpu_module().unavailable_reason()
+    return None
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """Map each backend name to None if usable in this process, else the reason it is not."""
+    return {name: _unavailable(name) for name in BACKENDS}
+
+
+def _device_type(device: Union[torch.device, str, None]) -> str:
+    if device is None:
+        return 'cpu'
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
+def resolve_backend(device: Union[torch.device, str, None],
+                    backend: Optional[str] = None) -> Tuple[str, str]:
+    """Apply the selection rule for tensors on ``device``; return (backend name, human reason).
+
+    Raises ValueError for an unknown name, RuntimeError for an explicit request that cannot be
+    honoured (missing package, or ``mamba_ssm``/``cpu`` asked for tensors on the wrong device).
+    """
+    dev = _device_type(device)
+    source = 'backend= argument'
+    if backend is None and os.environ.get(ENV_VAR):
+        backend, source = os.environ[ENV_VAR].strip(), f'{ENV_VAR} environment variable'
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown selective-scan backend '{backend}' (from {source}); "
+                             f"choose one of {', '.join(BACKENDS)}")
+        if backend == 'mamba_ssm' and dev != 'cuda':
+            raise RuntimeError(f"selective-scan backend 'mamba_ssm' (from {source}) needs CUDA tensors, "
+                               f"got {dev}; use backend 'cpu' or 'torch'")
+        if backend == 'cpu' and dev != 'cpu':
+            raise RuntimeError(f"selective-scan backend 'cpu' (from {source}) needs CPU tensors, got {dev}; "
+                               f"use backend 'torch' or 'mamba_ssm'")
+        reason = _unavailable(backend)
+        if reason is not None:
+            raise RuntimeError(f"selective-scan backend '{backend}' requested by {source} is unavailable: {reason}")
+        return backend, f'requested by {source}'
+    if dev == 'cuda':
+        reason = _unavailable('mamba_ssm')
+        if reason is None:
+            return 'mamba_ssm', 'CUDA tensors and mamba_ssm imports'
+        return 'torch', f'CUDA tensors but {reason}'
+    if dev == 'cpu':
+        reason = _unavailable('cpu')
+        if reason is None:
+            return 'cpu', 'CPU tensors: numba kernel'
+        return 'torch', f'CPU tensors but the cpu kernel is unavailable: {reason}'
+    return 'torch', f'{dev} tensors: portable PyTorch backend'
+
+
+def _log_choice(device_type: str, name: str, reason: str) -> None:
+    key = (device_type, name)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info('selective_scan backend for %s tensors: %s (%s)', device_type, name, reason)
+
+
+def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                  delta_bias: Optional[torch.Tensor]) -> None:
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f'selective_scan: u and delta must both be (batch, dim, L), got {tuple(u.shape)} '
+                         f'and {tuple(delta.shape)}')
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f'selective_scan: A must be (dim={dim}, N), got {tuple(A.shape)}')
+    if A.is_complex():
+        raise NotImplementedError('selective_scan: complex A is not supported; pass a real A (dim, N)')
+    n_state = A.shape[1]
+    for name, t in (('B', B), ('C', C)):
+        if t.dim() != 4 or t.shape[0] != batch or t.shape[2] != n_state or t.shape[3] != length \
+                or dim % t.shape[1] != 0:
+            raise ValueError(f'selective_scan: {name} must be (batch={batch}, groups, N={n_state}, L={length}) '
+                             f'or (batch, N, L) with dim={dim} divisible by groups, got {tuple(t.shape)} '
+                             f'(input-independent (dim, N) {name} is not supported)')
+    if B.shape[1] != C.shape[1]:
+        raise ValueError(f'selective_scan: B and C must have the same groups, got {B.shape[1]} and {C.shape[1]}')
+    for name, t in (('D', D), ('delta_bias', delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f'selective_scan: {name} must be (dim={dim},), got {tuple(t.shape)}')
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f'selective_scan: z must be (batch, dim, L) like u, got {tuple(z.shape)}')
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, backend: Optional[str] = None):
+    """Selective scan with the semantics of ``mamba_ssm``'s ``selective_scan_fn``.
+
+    u, delta, z: (batch, dim, L); A: (dim, N) real (<= 0 for a stable system); B, C: (batch, groups, N, L)
+    or (batch, N, L); D, delta_bias: (dim,). With dt = softplus(delta + delta_bias) (softplus only if
+    ``delta_softplus``): h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = <C_t, h_t> + D u_t,
+    out = y * silu(z). Math in float32 with autocast disabled; ``out`` has u's dtype. Returns out, or
+    (out, last_state (batch, dim, N) float32) if ``return_last_state``. Differentiable in every tensor.
+    """
+    if B.dim() == 3:
+        B = B.unsqueeze(1)
+    if C.dim() == 3:
+        C = C.unsqueeze(1)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name, reason = resolve_backend(u.device, backend)
+    _log_choice(u.device.type, name, reason)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        if name == 'mamba_ssm':
+            result = mamba_ssm_backend.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                            return_last_state)
+            if return_last_state:
+                return result[0].to(u.dtype), result[1]
+            return result.to(u.dtype)
+        uf = u.float()
+        dt = delta.float()
+        if delta_bias is not None:
+            dt = dt + delta_bias.float()[:, None]
+        if delta_softplus:
+            dt = F.softplus(dt)
+        if name == 'cpu':
+            core = _cpu_module().scan_core
+        elif name == 'torch':
+            core = torch_scan.scan_core
+        else:
+            core = reference.scan_core
+        y, last_state = core(uf, dt, A.float(), B.float(), C.float(), return_last_state)
+        if D is not None:
+            y = torch.addcmul(y, uf, D.float()[:, None])
+        if z is not None:
+            y = y * F.silu(z.float())
+        out = y.to(u.dtype)
+    return (out, last_state) if return_last_state else out
