@@ -1,0 +1,109 @@
+"""Robust image decoding: file path or encoded bytes -> uint8 BGR ``(H, W, 3)``.
+
+One place that decides what the project does with unusual inputs, shared by the CSR dataset,
+``basicsr prepare-csr`` and ``basicsr infer``:
+
+* 8-bit colour: decoded exactly as BasicSR's ``imfrombytes`` (``cv2.IMREAD_COLOR``, so the
+  EXIF orientation of JPEGs is applied); an ordinary image gives the same array either way.
+* grayscale (1 channel): replicated to 3 equal BGR channels.
+* alpha (RGBA / gray+alpha): the alpha channel is **dropped**, not composited, the same
+  behaviour as ``cv2.imread`` and every BasicSR dataset, so a GT read here and one read by
+  ``PairedImageDataset`` never disagree.
+* 16-bit: scaled to 8 bits with rounding, ``round(v * 255 / 65535)`` (65535 -> 255).
+* corrupt, truncated, empty or float (HDR/EXR/float TIFF) input: one :class:`ImageReadError`
+  naming the file and the problem. Nothing is guessed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import cv2
+import numpy as np
+
+__all__ = ['ImageReadError', 'IMAGE_EXTENSIONS', 'read_image_bgr8', 'decode_image_bgr8', 'to_bgr8']
+
+#: File suffixes (lower case) treated as images when scanning folders.
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm')
+
+_JPEG_SOI = b'\xff\xd8'
+_JPEG_EOI = b'\xff\xd9'
+
+
+class ImageReadError(ValueError):
+    """An image could not be read or decoded; the message names the file and the problem."""
+
+
+def to_bgr8(img: np.ndarray, name: str = '<array>') -> np.ndarray:
+    """Normalise a decoded ``(H, W)`` / ``(H, W, C)`` uint8/uint16 array to uint8 BGR ``(H, W, 3)``.
+
+    ``C`` may be 1, 3 or 4 (alpha dropped). Raises :class:`ImageReadError` for other layouts/dtypes.
+    """
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise ImageReadError(f'{name}: unsupported image layout {img.shape}; expected (H, W), (H, W, 1), '
+                             '(H, W, 3) or (H, W, 4).')
+    if img.dtype == np.uint16:
+        # round(v * 255 / 65535) == round(v / 257), done exactly in integers
+        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ImageReadError(f'{name}: unsupported pixel type {img.dtype}; only 8-bit and 16-bit integer '
+                             'images are supported (convert float/HDR images to 8-bit PNG first).')
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    elif img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ImageReadError(f'{name}: image has zero size {img.shape}.')
+    return np.ascontiguousarray(img)
+
+
+def decode_image_bgr8(content: Union[bytes, bytearray, memoryview, np.ndarray], name: str = '<bytes>') -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, BMP, TIFF, WebP...) to uint8 BGR ``(H, W, 3)``.
+
+    Args:
+        content: the encoded file content.
+        name: shown in error messages (a path or an LMDB key).
+    Raises:
+        ImageReadError: empty, corrupt, truncated JPEG, or unsupported pixel type.
+    """
+    if content is None:
+        raise ImageReadError(f'{name}: no data (missing file or LMDB key).')
+    buf = np.frombuffer(content, dtype=np.uint8) if not isinstance(content, np.ndarray) else content.reshape(-1)
+    if buf.size == 0:
+        raise ImageReadError(f'{name}: file is empty (0 bytes).')
+    head = buf[:2].tobytes()
+    if head == _JPEG_SOI and buf[-4096:].tobytes().rfind(_JPEG_EOI) < 0 and buf.tobytes().rfind(_JPEG_EOI) < 0:
+        # libjpeg fills a truncated scan with grey and only warns: refuse rather than train on it
+        raise ImageReadError(f'{name}: truncated JPEG (no end-of-image marker); the file is incomplete.')
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error as err:
+        raise ImageReadError(f'{name}: cannot decode image ({err}).') from err
+    if img is None:
+        raise ImageReadError(f'{name}: cannot decode image (corrupt, truncated or not an image format '
+                             'OpenCV reads).')
+    return to_bgr8(img, name)
+
+
+def read_image_bgr8(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, memoryview],
+                    name: Optional[str] = None) -> np.ndarray:
+    """Read an image file (or decode bytes) to uint8 BGR ``(H, W, 3)``; see the module doc for the rules.
+
+    Args:
+        path_or_bytes: a file path, or the encoded bytes of an image.
+        name: label for error messages; defaults to the path (or ``'<bytes>'``).
+    Raises:
+        ImageReadError: missing/unreadable file or any decoding problem, naming the file.
+    """
+    if isinstance(path_or_bytes, (str, os.PathLike)):
+        path = os.fspath(path_or_bytes)
+        label = name or path
+        try:
+            with open(path, 'rb') as f:
+                content = f.read()
+        except OSError as err:
+            raise ImageReadError(f'{label}: cannot read file ({err.strerror or err}).') from err
+        return decode_image_bgr8(content, label)
+    return decode_image_bgr8(path_or_bytes, name or '<bytes>')
