@@ -51,6 +51,8 @@ setup(
     },
     entry_points={
         'console_scripts': ['basicsr=mambacsr_arch.cli.main:main'],
+        # lets other BasicSR front-ends that honour this group load our registrations
+        'basicsr.plugins': ['mambacsr_arch=mambacsr_arch'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

@@ -1,0 +1,110 @@
+"""``basicsr env``: what this installation can run, and how to fix what it cannot.
+
+Prints versions (python, torch, torchvision, basicsr, numba, opencv, this plugin), CUDA and the
+GPU list, the selective-scan backend chosen for CPU and CUDA tensors and why, the optional
+packages that are missing with the command that installs them, and the loaded plugins.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import platform
+import sys
+from typing import Dict, List, Optional, Tuple
+
+# optional package (import name) -> (what it enables, how to install)
+OPTIONAL_PACKAGES: Dict[str, Tuple[str, str]] = {
+    'mamba_ssm': ('CUDA selective-scan kernel', "pip install 'mambacsr-arch[cuda]'"),
+    'causal_conv1d': ('mamba_ssm companion kernel', "pip install 'mambacsr-arch[cuda]'"),
+    'numba': ('fast CPU selective-scan kernel', 'pip install numba'),
+    'lmdb': ('LMDB datasets', 'pip install lmdb'),
+    'tensorboard': ('use_tb_logger: true', 'pip install tensorboard'),
+}
+
+
+def _version(module_name: str) -> str:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - reported, e.g. torchvision/torch mismatch
+        return f'not importable ({type(err).__name__}: {err})'
+    return str(getattr(module, '__version__', 'unknown'))
+
+
+def _gpus() -> List[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [f'cuda:{i} {torch.cuda.get_device_name(i)}' for i in range(torch.cuda.device_count())]
+
+
+def collect() -> Dict[str, object]:
+    """Gather the report as a dict (used by tests and by ``run``)."""
+    import torch
+
+    from mambacsr_arch import ops
+    from mambacsr_arch.cli.runtime import load_plugins
+
+    plugins = load_plugins()
+    report: Dict[str, object] = {
+        'python': platform.python_version(),
+        'platform': platform.platform(),
+        'versions': {name: _version(name) for name in
+                     ('mambacsr_arch', 'torch', 'torchvision', 'basicsr', 'numba', 'cv2', 'numpy')},
+        'cuda': torch.version.cuda if torch.cuda.is_available() else None,
+        'torch_cuda_build': torch.version.cuda,
+        'gpus': _gpus(),
+        'scan_backends': ops.available_backends(),
+        'scan_backend_cpu': ops.resolve_backend(torch.device('cpu')),
+        'plugins': plugins,
+    }
+    if torch.cuda.is_available():
+        report['scan_backend_cuda'] = ops.resolve_backend(torch.device('cuda'))
+    missing = {}
+    for name, (purpose, install) in OPTIONAL_PACKAGES.items():
+        if importlib.util.find_spec(name) is None:
+            missing[name] = f'{purpose}; install with: {install}'
+    report['missing_optional'] = missing
+    return report
+
+
+def format_report(report: Dict[str, object]) -> str:
+    lines = [f"python        {report['python']} ({report['platform']})"]
+    for name, version in report['versions'].items():  # type: ignore[union-attr]
+        lines.append(f'{name:<13} {version}')
+    lines.append(f"cuda          {report['cuda'] or 'not available'}"
+                 f" (torch built with CUDA {report['torch_cuda_build'] or 'none'})")
+    gpus = report['gpus'] or ['none']
+    lines.append('gpus          ' + ', '.join(gpus))  # type: ignore[arg-type]
+    lines.append('selective-scan backends:')
+    for name, reason in report['scan_backends'].items():  # type: ignore[union-attr]
+        lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + str(reason)}")
+    name, why = report['scan_backend_cpu']  # type: ignore[misc]
+    lines.append(f'active backend for CPU tensors:  {name} ({why})')
+    if 'scan_backend_cuda' in report:
+        name, why = report['scan_backend_cuda']  # type: ignore[misc]
+        lines.append(f'active backend for CUDA tensors: {name} ({why})')
+    missing = report['missing_optional'] or {}
+    lines.append('missing optional packages:' + ('' if missing else ' none'))
+    for name, text in missing.items():  # type: ignore[union-attr]
+        lines.append(f'  {name:<13} {text}')
+    plugins = report['plugins'] or ['none']
+    lines.append('basicsr.plugins loaded: ' + ', '.join(plugins))  # type: ignore[arg-type]
+    return '\n'.join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--json', action='store_true', help='print the report as JSON')
+
+
+def run(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
+    report = collect()
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2, default=str), file=out)
+    else:
+        print(format_report(report), file=out)
+    return 0

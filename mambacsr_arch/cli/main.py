@@ -1,0 +1,57 @@
+"""The ``basicsr`` console script: ``basicsr train|test|infer|eval|prepare-csr|env``.
+
+``train`` and ``test`` hand their arguments verbatim to BasicSR's own pipelines (same flags:
+``-opt``, ``--launcher``, ``--auto_resume``, ``--debug``, ``--force_yml``, ``--local_rank``).
+Every other subcommand lives in its own module exposing::
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int
+
+Modules are imported only when their subcommand runs, so ``basicsr env`` stays light.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Dict, List, Optional
+
+# subcommand -> (module under mambacsr_arch.cli, one-line help)
+SUBCOMMANDS: Dict[str, tuple] = {
+    'train': ('train', 'train with BasicSR\'s train pipeline (flags as basicsr/train.py)'),
+    'test': ('test', 'test with BasicSR\'s test pipeline (flags as basicsr/test.py)'),
+    'infer': ('infer', 'restore a folder of compressed LR images (no ground truth needed)'),
+    'eval': ('evaluate', 'PSNR/SSIM of restored images against ground truth'),
+    'prepare-csr': ('prepare_csr', 'write GT / JPEG-degraded LQ folders, sub-images and LMDBs'),
+    'env': ('env', 'versions, devices, the active selective-scan backend, missing extras'),
+}
+PASSTHROUGH = {'train', 'test'}
+
+
+def _usage() -> str:
+    lines = ['usage: basicsr <command> [options]', '', 'commands:']
+    lines += [f'  {name:<12} {help_}' for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ['', "Run 'basicsr <command> -h' for the options of one command."]
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"basicsr: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f'mambacsr_arch.cli.{SUBCOMMANDS[command][0]}')
+    if command in PASSTHROUGH:
+        return int(module.main(rest) or 0)
+    parser = argparse.ArgumentParser(prog=f'basicsr {command}', description=SUBCOMMANDS[command][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
