@@ -11,7 +11,7 @@ STAMP := $(VENV)/.mambacsr-installed
 
 $(STAMP): setup.py $(CONSTRAINTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet --upgrade -c $(CONSTRAINTS) pip setuptools wheel
 	# torch first: basicsr's sdist imports torch in its setup.py
 	$(PIP) install --quiet -c $(CONSTRAINTS) torch torchvision numpy
 	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation basicsr

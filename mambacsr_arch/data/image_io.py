@@ -16,12 +16,12 @@ One place that decides what the project does with unusual inputs, shared by the 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import cv2
 import numpy as np
 
-__all__ = ['ImageReadError', 'IMAGE_EXTENSIONS', 'read_image_bgr8', 'decode_image_bgr8', 'to_bgr8']
+__all__ = ['ImageReadError', 'IMAGE_EXTENSIONS', 'read_image_bgr8', 'decode_image_bgr8', 'to_bgr8', 'list_image_files']
 
 #: File suffixes (lower case) treated as images when scanning folders.
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm')
@@ -107,3 +107,17 @@ def read_image_bgr8(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, mem
             raise ImageReadError(f'{label}: cannot read file ({err.strerror or err}).') from err
         return decode_image_bgr8(content, label)
     return decode_image_bgr8(path_or_bytes, name or '<bytes>')
+
+
+def list_image_files(folder: Union[str, os.PathLike]) -> List[str]:
+    """Image files directly inside ``folder`` (not recursive, dotfiles skipped), as full paths.
+
+    Only names ending in one of :data:`IMAGE_EXTENSIONS` (any case) are kept. Sorted by stem, then
+    name, so the order is the same on every file system and matches sorted LMDB keys.
+    """
+    from basicsr.utils import scandir  # BasicSR's scanner: skips dotfiles, e.g. our in-progress temp files
+
+    folder = os.fspath(folder)
+    names = [n for n in scandir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    names.sort(key=lambda n: (os.path.splitext(n)[0], n))
+    return [os.path.join(folder, n) for n in names]
