@@ -1,0 +1,302 @@
+"""``MambaCSRModel`` and ``HATModel``: BasicSR ``SRModel`` plus what CSR training needs.
+
+Reused from ``SRModel`` unchanged: network/EMA construction (``train.ema_decay``), losses,
+optimisers, schedulers, ``nondist_validation`` (PSNR/SSIM via ``val.metrics``; rank 0 only in
+distributed runs, BasicSR's ``dist_validation``). Overridden, each for the reason given there:
+
+* ``test``: any image size (padding to the arch multiple, blended tiles, official protocol), on
+  the bare network (so rank-0 validation never enters DDP collectives).
+* ``optimize_parameters``: AMP, non-finite-loss guard, per-iteration torch reseeding.
+* ``load_network``: ``params``/``params_ema``/bare files, ``module.`` prefixes, clear mismatch errors.
+* ``save_network`` / ``save_training_state``: atomic writes, RNG + GradScaler state.
+* ``resume_training``: RNG + GradScaler restore, and the epoch counter fixed at epoch ends.
+* ``model_to_device``: DDP on CPU (gloo) as well as CUDA.
+
+Option keys read here (BasicSR YAML)::
+
+    train:
+      use_amp: bf16 | fp16 | ~        # autocast for the training forward; fp16 needs CUDA (GradScaler).
+                                      # The selective scan stays float32 (the ops layer disables autocast).
+    val:
+      tile: {size: 192, overlap: 32}  # LR px; omit for whole-image inference
+      max_pixels: 262144              # auto-tile images with more LR px than this (0: never)
+      pad_multiple: 16                # override the arch's required input multiple
+      official_protocol: false        # renyulin-f/MambaCSR's chop test (top-level padding_size: 64)
+      use_amp: bf16 | ~               # autocast for inference (default float32)
+      log_baseline: false             # also log the metrics of bicubic-upsampled LQ (once per dataset)
+
+Resume guarantee (CPU, ``num_worker_per_gpu: 0``, same seed): a run resumed from the state saved
+at iteration N reaches the same weights as an uninterrupted run when N is the end of an epoch
+(e.g. ``save_checkpoint_freq`` a multiple of the iterations per epoch). Python/numpy RNG states
+are stored in the ``.state`` file; torch's RNG is reseeded at every iteration from
+(``manual_seed``, rank, iteration), so dropout and similar draws do not depend on history. A
+resume from the middle of an epoch replays that epoch's data from its start (BasicSR's loop),
+which is logged as a warning. With data workers, worker RNGs are seeded by BasicSR per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from basicsr.metrics import calculate_metric
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger, tensor2img
+from basicsr.utils.dist_util import master_only
+from basicsr.utils.registry import MODEL_REGISTRY
+from torch import nn
+
+from ..registry import registers
+from .checkpoint_io import atomic_torch_save, capture_rng_state, restore_rng_state
+from .distributed import get_bare_model
+from .distributed import model_to_device as _model_to_device
+from .inference import restore_image
+from .weights import load_weights
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
+_SEED_MIX = 1_000_003
+
+
+def parse_amp(value: Any, where: str) -> Optional[torch.dtype]:
+    """``use_amp`` option -> autocast dtype or None."""
+    if value in (None, False, 'none', 'None', 'false', 'fp32', 'float32'):
+        return None
+    if isinstance(value, str) and value.lower() in AMP_DTYPES:
+        return AMP_DTYPES[value.lower()]
+    raise ValueError(f"{where}: use_amp must be bf16, fp16 or ~ (got {value!r}).")
+
+
+class CSRModel(SRModel):
+    """Shared base of :class:`MambaCSRModel` and :class:`HATModel` (see module doc)."""
+
+    def __init__(self, opt: Dict[str, Any]) -> None:
+        if int(opt.get('num_gpu', 0) or 0) > 0 and not torch.cuda.is_available():
+            # BaseModel would pick 'cuda' and fail deep inside .to(); say what to change instead.
+            raise RuntimeError(f"num_gpu: {opt['num_gpu']} but CUDA is not available; set num_gpu: auto "
+                               f'(or 0) in the option file to run on the CPU.')
+        self.train_amp: Optional[torch.dtype] = parse_amp((opt.get('train') or {}).get('use_amp'), 'train')
+        self.val_amp: Optional[torch.dtype] = parse_amp((opt.get('val') or {}).get('use_amp'), 'val')
+        self.grad_scaler: Optional[torch.amp.GradScaler] = None
+        self._baseline_logged: set = set()
+        super().__init__(opt)
+
+    # --------------------------------------------------------------------------- devices, weights
+    def model_to_device(self, net: nn.Module) -> nn.Module:
+        # BasicSR 1.4.2 passes CUDA device_ids to DDP unconditionally; ours also works with gloo.
+        return _model_to_device(self, net)
+
+    def load_network(self, net: nn.Module, load_path: str, strict: bool = True,
+                     param_key: Optional[str] = 'params') -> None:
+        # BasicSR only logs mismatches and then fails inside torch; we raise one actionable error.
+        load_weights(net, load_path, param_key=param_key, strict=strict)
+
+    # --------------------------------------------------------------------------- training
+    def init_training_settings(self) -> None:
+        super().init_training_settings()
+        if self.train_amp == torch.float16:
+            if self.device.type != 'cuda':
+                raise ValueError('train.use_amp: fp16 needs CUDA (GradScaler); use bf16 on the CPU.')
+            self.grad_scaler = torch.amp.GradScaler('cuda')
+
+    def _reseed_torch(self, current_iter: int) -> None:
+        """Seed torch from (manual_seed, rank, iteration): draws never depend on run history."""
+        seed = int(self.opt.get('manual_seed') or 0)
+        rank = int(self.opt.get('rank', 0))
+        torch.manual_seed((seed * _SEED_MIX + rank) * _SEED_MIX + current_iter)
+
+    def _check_finite(self, current_iter: int, loss_dict: Dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        finite = torch.isfinite(total.detach()).to(torch.float32).reshape(1)
+        if self.opt.get('dist', False):
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # all ranks stop together
+        if finite.item() < 1:
+            values = ', '.join(f'{k}={v.detach().float().item():.6g}' for k, v in loss_dict.items())
+            raise FloatingPointError(
+                f'non-finite loss at iteration {current_iter} ({values or total.item()}); on this or another '
+                f'rank. The weights were not updated by this step and the last saved checkpoint is intact. '
+                f'Lower train.optim_g.lr, check the training data, or disable train.use_amp, then resume.')
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        # SRModel's step has no autocast, no non-finite guard and no deterministic RNG; same losses.
+        self._reseed_torch(current_iter)
+        self.optimizer_g.zero_grad()
+        autocast = (torch.autocast(device_type=self.device.type, dtype=self.train_amp)
+                    if self.train_amp is not None else contextlib.nullcontext())
+        with autocast:
+            self.output = self.net_g(self.lq)
+        output = self.output.float()
+        l_total = output.new_zeros(())
+        loss_dict: Dict[str, torch.Tensor] = OrderedDict()
+        if self.cri_pix:
+            l_pix = self.cri_pix(output, self.gt)
+            l_total = l_total + l_pix
+            loss_dict['l_pix'] = l_pix
+        if self.cri_perceptual:
+            l_percep, l_style = self.cri_perceptual(output, self.gt)
+            if l_percep is not None:
+                l_total = l_total + l_percep
+                loss_dict['l_percep'] = l_percep
+            if l_style is not None:
+                l_total = l_total + l_style
+                loss_dict['l_style'] = l_style
+        self._check_finite(current_iter, loss_dict, l_total)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(l_total).backward()
+            self.grad_scaler.step(self.optimizer_g)
+            self.grad_scaler.update()
+        else:
+            l_total.backward()
+            self.optimizer_g.step()
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    # --------------------------------------------------------------------------- inference
+    def default_pad_multiple(self, net: nn.Module) -> int:
+        """Input multiple the arch needs: ``val.pad_multiple``, else the arch's ``pad_multiple``, else 1."""
+        value = (self.opt.get('val') or {}).get('pad_multiple')
+        if value is None:
+            value = getattr(net, 'pad_multiple', None)
+        return int(value or 1)
+
+    def inference_kwargs(self, net: nn.Module) -> Dict[str, Any]:
+        """Keyword arguments of :func:`restore_image` from the ``val`` options."""
+        val = self.opt.get('val') or {}
+        tile = val.get('tile') or {}
+        if tile and not isinstance(tile, dict):
+            raise ValueError(f'val.tile must be a mapping {{size: 192, overlap: 32}}, got {tile!r}.')
+        return dict(tile_size=tile.get('size'), tile_overlap=int(tile.get('overlap', 32)),
+                    pad_multiple=self.default_pad_multiple(net),
+                    official_protocol=bool(val.get('official_protocol', False)),
+                    official_padding_size=int(self.opt.get('padding_size', 64)),
+                    max_pixels=val.get('max_pixels'), amp_dtype=self.val_amp)
+
+    def test(self) -> None:
+        # SRModel runs the whole padded-by-nobody image through (possibly DDP-wrapped) net_g; we pad,
+        # tile when asked or when the image is large, and always use the bare module.
+        use_ema = hasattr(self, 'net_g_ema')
+        net = self.net_g_ema if use_ema else get_bare_model(self.net_g)
+        was_training = net.training
+        net.eval()
+        try:
+            self.output = restore_image(net, self.lq, int(self.opt['scale']), **self.inference_kwargs(net))
+        finally:
+            if was_training and not use_ema:
+                net.train()
+
+    def validation(self, dataloader, current_iter: int, tb_logger, save_img: bool = False) -> None:
+        super().validation(dataloader, current_iter, tb_logger, save_img)
+        if (self.opt.get('val') or {}).get('log_baseline') and self.opt.get('rank', 0) == 0:
+            self.log_bicubic_baseline(dataloader, current_iter, tb_logger)
+
+    def log_bicubic_baseline(self, dataloader, current_iter: int, tb_logger) -> Dict[str, float]:
+        """Log (once per dataset) ``val.metrics`` of the bicubic-upsampled LQ: the number to beat."""
+        name = dataloader.dataset.opt['name']
+        metrics = (self.opt.get('val') or {}).get('metrics') or {}
+        if name in self._baseline_logged or not metrics:
+            return {}
+        scale = int(self.opt['scale'])
+        totals = {metric: 0.0 for metric in metrics}
+        count = 0
+        for data in dataloader:
+            if 'gt' not in data:
+                return {}
+            up = F.interpolate(data['lq'].float(), scale_factor=scale, mode='bicubic', align_corners=False)
+            gt = data['gt'].float()
+            up = up[..., :gt.shape[-2], :gt.shape[-1]].clamp(0, 1)
+            metric_data = {'img': tensor2img([up]), 'img2': tensor2img([gt])}
+            for metric, metric_opt in metrics.items():
+                totals[metric] += float(calculate_metric(metric_data, metric_opt))
+            count += 1
+        results = {metric: total / max(count, 1) for metric, total in totals.items()}
+        self._baseline_logged.add(name)
+        get_root_logger().info(f'Bicubic baseline {name} (bicubic-upsampled LQ)\n' + ''.join(
+            f'\t # {metric}: {value:.4f}\n' for metric, value in results.items()))
+        if tb_logger:
+            for metric, value in results.items():
+                tb_logger.add_scalar(f'metrics/{name}/baseline_{metric}', value, current_iter)
+        return results
+
+    # --------------------------------------------------------------------------- checkpoints
+    @master_only
+    def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
+        # BasicSR writes in place (a kill mid-write corrupts the file) and ignores failures; atomic here.
+        label = 'latest' if current_iter == -1 else current_iter
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        if len(nets) != len(keys):
+            raise ValueError(f'save_network: {len(nets)} networks but {len(keys)} param keys.')
+        save_dict = {}
+        for net_, key in zip(nets, keys):
+            state = OrderedDict()
+            for name, tensor in get_bare_model(net_).state_dict().items():
+                state[name[len('module.'):] if name.startswith('module.') else name] = tensor.detach().cpu()
+            save_dict[key] = state
+        atomic_torch_save(save_dict, f"{self.opt['path']['models']}/{net_label}_{label}.pth")
+
+    @master_only
+    def save_training_state(self, epoch: int, current_iter: int) -> None:
+        # Atomic, and with RNG + GradScaler states so a resumed run continues the same stream.
+        if current_iter == -1:
+            return
+        state: Dict[str, Any] = {
+            'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
+            'schedulers': [s.state_dict() for s in self.schedulers], 'rng': capture_rng_state(),
+        }
+        if self.grad_scaler is not None:
+            state['grad_scaler'] = self.grad_scaler.state_dict()
+        atomic_torch_save(state, f"{self.opt['path']['training_states']}/{current_iter}.state")
+
+    def resume_training(self, resume_state: Dict[str, Any]) -> None:
+        # BasicSR restores optimisers/schedulers only; we add RNG, GradScaler and the epoch fix.
+        super().resume_training(resume_state)
+        if 'rng' in resume_state:
+            restore_rng_state(resume_state['rng'])
+        if self.grad_scaler is not None and 'grad_scaler' in resume_state:
+            self.grad_scaler.load_state_dict(resume_state['grad_scaler'])
+        per_epoch = self.iters_per_epoch()
+        it = int(resume_state['iter'])
+        logger = get_root_logger()
+        if per_epoch and it % per_epoch == 0 and resume_state['epoch'] < it // per_epoch:
+            # Saved at the last iteration of an epoch: BasicSR's loop would replay that whole epoch.
+            resume_state['epoch'] = it // per_epoch
+        elif per_epoch and it % per_epoch:
+            logger.warning(f'Resuming from iteration {it}, in the middle of an epoch ({per_epoch} iterations '
+                           f'each): that epoch\'s data is replayed from its start, so the run will not match '
+                           f'an uninterrupted one exactly.')
+
+    def iters_per_epoch(self) -> Optional[int]:
+        """Training iterations per epoch, as BasicSR's train loop computes them (None if unknown)."""
+        from basicsr.data import build_dataset
+
+        dataset_opt = (self.opt.get('datasets') or {}).get('train')
+        if not dataset_opt:
+            return None
+        length = len(build_dataset(dataset_opt))
+        enlarge = dataset_opt.get('dataset_enlarge_ratio', 1)
+        world = int(self.opt.get('world_size', 1))
+        batch = int(dataset_opt['batch_size_per_gpu'])
+        if not self.opt.get('dist', False):
+            batch *= max(int(self.opt.get('num_gpu', 0) or 0), 1)
+        # EnlargedSampler yields ceil(len * enlarge / world) indices per rank and the train loader drops
+        # the last incomplete batch (BasicSR's logged "iter number per epoch" ignores that drop).
+        return math.ceil(length * enlarge / world) // batch
+
+
+@registers(MODEL_REGISTRY)
+class MambaCSRModel(CSRModel):
+    """MambaCSR training/testing. Pads to the arch's ``pad_multiple`` (scan windows, cross-scale)."""
+
+
+@registers(MODEL_REGISTRY)
+class HATModel(CSRModel):
+    """HAT training/testing. Pads to ``window_size`` (reflect), as the official ``HATModel`` does."""
+
+    def default_pad_multiple(self, net: nn.Module) -> int:
+        value = (self.opt.get('val') or {}).get('pad_multiple')
+        if value is None:
+            value = getattr(net, 'pad_multiple', None) or getattr(net, 'window_size', None) \
+                or self.opt['network_g'].get('window_size')
+        return int(value or 1)

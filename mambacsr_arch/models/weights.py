@@ -1,0 +1,195 @@
+"""Loading network weights from BasicSR-style checkpoint files, with actionable errors.
+
+A checkpoint file is either ``{'params': sd, 'params_ema': sd, ...}`` (BasicSR, official
+MambaCSR/HAT releases) or a bare state dict. :func:`load_weights` picks the sub-dict named by
+``param_key`` (``params_ema`` falls back to ``params`` as in BasicSR; ``None``/``'none'``/``''``
+means the file *is* the state dict), strips ``module.`` prefixes (DataParallel/DDP saves) and
+loads it. With ``strict=True`` a mismatch raises one RuntimeError listing the missing,
+unexpected and wrongly shaped keys and the most likely wrong hyper-parameter. Archs that
+override ``load_state_dict`` with their own diagnosis (e.g. HAT) keep it: their message is
+used instead of the generic one. With ``strict=False`` shape-mismatched keys are skipped with a
+warning (BasicSR behaviour) and the rest is loaded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger('basicsr')
+NO_KEY = (None, '', 'none', 'None', '~')
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """``torch.load`` a checkpoint onto the CPU (``weights_only=True``); errors name the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist: check path.pretrain_network_g "
+                                f'in your option file.')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # corrupt, truncated or pickled with unexpected classes
+        raise RuntimeError(f"cannot read checkpoint '{path}': {type(err).__name__}: {err}") from err
+    if not isinstance(obj, Mapping):
+        raise RuntimeError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a dict of tensors.")
+    return dict(obj)
+
+
+def select_params(checkpoint: Mapping[str, Any], param_key: Optional[str], source: str = 'checkpoint'
+                  ) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+    """The state dict under ``param_key`` (see module doc), with ``module.`` prefixes stripped.
+
+    Returns ``(state_dict, key_used)``; ``key_used`` is None when the root dict was used.
+    """
+    key_used: Optional[str] = None if param_key in NO_KEY else param_key
+    if key_used is None:
+        state = checkpoint
+    elif key_used in checkpoint and isinstance(checkpoint[key_used], Mapping):
+        state = checkpoint[key_used]
+    elif key_used == 'params_ema' and isinstance(checkpoint.get('params'), Mapping):
+        logger.info(f"{source}: no 'params_ema', loading 'params'.")
+        key_used, state = 'params', checkpoint['params']
+    elif _is_state_dict(checkpoint):
+        logger.info(f"{source}: no '{key_used}' entry; the file is a bare state dict, loading it whole.")
+        key_used, state = None, checkpoint
+    else:
+        raise KeyError(f"{source}: param key '{key_used}' not found; the file has {sorted(checkpoint)}. "
+                       f'Set path.param_key_g to one of those (or ~ for a bare state dict).')
+    if not _is_state_dict(state):
+        raise RuntimeError(f"{source}: the entry '{key_used or '<root>'}' is not a dict of tensors "
+                           f'(keys: {list(state)[:8]}); check path.param_key_g.')
+    cleaned = OrderedDict()
+    for key, value in state.items():
+        while key.startswith('module.'):
+            key = key[len('module.'):]
+        cleaned[key] = value
+    return cleaned, key_used
+
+
+def _preview(items: List[str], limit: int = 10) -> str:
+    text = ', '.join(items[:limit])
+    return text + (f', ... (+{len(items) - limit} more)' if len(items) > limit else '')
+
+
+def _indices(keys: List[str], pattern: str) -> List[int]:
+    found = set()
+    for key in keys:
+        match = re.match(pattern, key)
+        if match:
+            found.add(int(match.group(1)))
+    return sorted(found)
+
+
+def guess_wrong_option(own: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> List[str]:
+    """Hyper-parameters that most likely differ, from SwinIR-family key names and shapes."""
+    hints = []
+    own_keys, new_keys = list(own), list(loaded)
+    for name in ('conv_first.weight',):
+        if name in own and name in loaded and own[name].shape != loaded[name].shape:
+            mine, theirs = tuple(own[name].shape), tuple(loaded[name].shape)
+            if mine[0] != theirs[0]:
+                hints.append(f'embed_dim: model has {mine[0]}, checkpoint has {theirs[0]} ({name})')
+            if mine[1] != theirs[1]:
+                hints.append(f'in_chans: model has {mine[1]}, checkpoint has {theirs[1]} ({name})')
+    layers_own, layers_new = _indices(own_keys, r'layers\.(\d+)\.'), _indices(new_keys, r'layers\.(\d+)\.')
+    if layers_own != layers_new and layers_new:
+        hints.append(f'depths (number of groups): model has {len(layers_own)}, checkpoint has {len(layers_new)}')
+    else:
+        for layer in layers_new:
+            pat = rf'layers\.{layer}\.residual_group\.blocks\.(\d+)\.'
+            if len(_indices(own_keys, pat)) != len(_indices(new_keys, pat)):
+                hints.append(f'depths[{layer}]: model has {len(_indices(own_keys, pat))} blocks, checkpoint '
+                             f'has {len(_indices(new_keys, pat))}')
+                break
+    up_own, up_new = _indices(own_keys, r'upsample\.(\d+)\.'), _indices(new_keys, r'upsample\.(\d+)\.')
+    if up_own != up_new and up_new:
+        hints.append(f'upscale: the upsampler differs (model upsample.{up_own}, checkpoint upsample.{up_new})')
+    if not hints:
+        for key in own_keys:
+            if key in loaded and own[key].shape != loaded[key].shape:
+                hints.append(f'a width option (mlp_ratio, d_state, ...): first differing tensor {key} '
+                             f'{tuple(loaded[key].shape)} in checkpoint vs {tuple(own[key].shape)} in model')
+                break
+    return hints
+
+
+def describe_mismatch(net: nn.Module, loaded: Mapping[str, torch.Tensor], source: str) -> Optional[str]:
+    """A multi-line message naming mismatching keys and likely wrong options, or None if all match."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in loaded]
+    unexpected = [k for k in loaded if k not in own]
+    wrong = [f'{k} {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}' for k in own
+             if k in loaded and tuple(own[k].shape) != tuple(loaded[k].shape)]
+    if not (missing or unexpected or wrong):
+        return None
+    lines = [f'{source} does not match {type(net).__name__} (strict loading).']
+    if missing:
+        lines.append(f'  missing keys ({len(missing)}): {_preview(missing)}')
+    if unexpected:
+        lines.append(f'  unexpected keys ({len(unexpected)}): {_preview(unexpected)}')
+    if wrong:
+        lines.append(f'  shape mismatches ({len(wrong)}): {_preview(wrong)}')
+    hints = guess_wrong_option(own, loaded)
+    if hints:
+        lines.append('  likely wrong network_g options (fix them in your option file):')
+        lines.extend(f'    {hint}' for hint in hints)
+    else:
+        lines.append("  no hyper-parameter difference detected: is path.param_key_g right ('params', "
+                     "'params_ema' or ~), and is this checkpoint for this architecture?")
+    lines.append('  (path.strict_load_g: false loads the matching keys only.)')
+    return '\n'.join(lines)
+
+
+def _has_own_diagnosis(net: nn.Module) -> bool:
+    return type(net).load_state_dict is not nn.Module.load_state_dict
+
+
+def load_state(net: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True,
+               source: str = 'checkpoint') -> None:
+    """Load a cleaned state dict into a bare ``net`` (see module doc for strict / non-strict)."""
+    if strict:
+        if not _has_own_diagnosis(net):
+            message = describe_mismatch(net, state, source)
+            if message is not None:
+                raise RuntimeError(message)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise RuntimeError(f'{source}: {err}') from err
+        return
+    own = net.state_dict()
+    filtered = OrderedDict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            logger.warning(f'{source}: skipping {key}: checkpoint {tuple(value.shape)} vs model '
+                           f'{tuple(own[key].shape)}')
+            continue
+        filtered[key] = value
+    result = net.load_state_dict(filtered, strict=False)
+    if result.missing_keys:
+        logger.warning(f'{source}: not in checkpoint (left as initialised): {_preview(result.missing_keys)}')
+    if result.unexpected_keys:
+        logger.warning(f'{source}: ignored keys not in the model: {_preview(result.unexpected_keys)}')
+
+
+def load_weights(net: nn.Module, path: Union[str, os.PathLike], param_key: Optional[str] = 'params',
+                 strict: bool = True) -> Optional[str]:
+    """Load ``path`` into ``net`` (DataParallel/DDP wrappers are unwrapped). Returns the key used."""
+    from .distributed import get_bare_model
+
+    net = get_bare_model(net)
+    checkpoint = read_checkpoint(path)
+    state, key_used = select_params(checkpoint, param_key, source=f"'{os.fspath(path)}'")
+    source = f"'{os.fspath(path)}' [{key_used or 'root'}]"
+    load_state(net, state, strict=strict, source=source)
+    logger.info(f'Loaded {type(net).__name__} from {source} (strict={strict}).')
+    return key_used
