@@ -265,9 +265,9 @@ class JPEGDegradedPairedDataset(data.Dataset):
             gt = augment(gt, self.use_hflip, self.use_rot)
             gt = np.ascontiguousarray(gt)
         else:
-            gt = np.ascontiguousarray(gt[:h, :w])
             if h == 0 or w == 0:
                 raise ValueError(f'{gt_path}: image is {gt.shape[0]}x{gt.shape[1]}, smaller than scale {scale}.')
+            gt = np.ascontiguousarray(gt[:h, :w])
         quality = self.quality_for_index(index)
         lq = degrade_csr(gt, scale, quality, self.downsample)
         return uint8_to_float(gt), uint8_to_float(lq), quality
