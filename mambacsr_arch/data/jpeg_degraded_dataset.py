@@ -38,7 +38,7 @@ import difflib
 import os.path as osp
 import random
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from basicsr.data.data_util import (paired_paths_from_folder, paired_paths_from_lmdb,
