@@ -1,0 +1,293 @@
+"""MambaCSR (Ren et al., "MambaCSR: Dual-Interleaved Scanning for Compressed Image Super-Resolution
+With SSMs"), registered in BasicSR's ARCH_REGISTRY as ``MambaCSR``.
+
+Module tree (state-dict names are those of the official checkpoints; ``[cs]`` = only with
+``cross_scale_scan``)::
+
+    MambaCSR
+      conv_first               Conv2d 3x3, in_chans -> embed_dim
+      patch_embed.norm         LayerNorm (if patch_norm)             (B, C, H, W) -> (B, HW, C)
+      patch_embed2.norm   [cs] LayerNorm of the half-resolution branch
+      layers.i                 ResidualDISGroup, one per ``depths`` entry
+        residual_group.blocks.j  DISBlock: ln_1, self_attention (SS2D), skip_scale, conv_block (CAB),
+                                 ln_2, skip_scale2, mlp (fc1, fc2)
+        conv                   '1conv' | '3conv'
+      layers2.i           [cs] ResidualDISGroup on the 0.5x bilinear-downsampled features (``depths2``)
+      layers3.i           [cs] CrossScaleBlock fusing layers.i and layers2.i outputs (w16 scans)
+      norm                     LayerNorm
+      conv_after_body          '1conv' | '3conv'
+      conv_before_upsample.0   Conv2d embed_dim -> 64, LeakyReLU
+      upsample                 BasicSR Upsample (conv + PixelShuffle per x2, or x3)
+      conv_last                Conv2d 64 -> in_chans
+
+Data flow: (x - mean) * img_range -> conv_first -> [tokens -> groups (with cross-scale fusion after
+group i < len(depths2)) -> norm -> map] -> conv_after_body + skip -> upsampler -> / img_range + mean.
+
+Parameter counts (released configuration: embed_dim 180, depths [6] * 6, depths2 [6], d_state 16,
+mlp_ratio 2, upscale 4, scan_size 8, DIS on): 22.05M with cross-scale scanning, 18.37M without.
+
+Deviations from the official code (none changes outputs where the official code runs):
+
+* any input size: windows are zero-padded by the scans; with cross-scale scanning an odd-sized
+  input is reflect-padded by one pixel to even size (for the exact 0.5 downsample) and the
+  output cropped back to ``upscale * (H, W)``; sizes need not be multiples of 16;
+* the cross-scale reverse is exact for non-square inputs (the official one scrambles tokens);
+* ``mlp_ratio`` may be a float, ``depths``/``depths2`` may be an int, gradient checkpointing works;
+* ``upsampler`` defaults to and must be ``'pixelshuffle'`` (the official default ``''`` returns the input);
+* a strict ``load_state_dict`` mismatch raises one error naming the likely wrong hyper-parameter.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from basicsr.archs.arch_util import Upsample, trunc_normal_
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
+
+from ..registry import registers
+from .dis_blocks import CrossScaleBlock, ResidualDISGroup, make_resi_conv
+from .layers import PatchEmbed, PatchUnEmbed, pad_to_multiple
+
+__all__ = ['MambaCSR', 'infer_mambacsr_config', 'describe_state_dict_mismatch']
+
+#: Options the official constructor accepts but does not use (they appear in option files).
+_IGNORED_OPTIONS = frozenset({'type'})
+
+
+_BLOCK_RE = re.compile(r'^(layers2?)\.(\d+)\.residual_group\.blocks\.(\d+)\.')
+_UPSAMPLE_RE = re.compile(r'^upsample\.(\d+)\.weight$')
+_FIRST_SSM = 'layers.0.residual_group.blocks.0.self_attention.'
+_FIRST_MLP = 'layers.0.residual_group.blocks.0.mlp.fc1.weight'
+
+
+def infer_mambacsr_config(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """The network_g hyper-parameters a MambaCSR state dict implies (only those visible in shapes/keys)."""
+    sd = state_dict
+    cfg: Dict[str, Any] = {}
+    if 'conv_first.weight' in sd:
+        cfg['embed_dim'], cfg['in_chans'] = int(sd['conv_first.weight'].shape[0]), int(sd['conv_first.weight'].shape[1])
+    if _FIRST_SSM + 'A_logs' in sd:
+        cfg['d_state'] = int(sd[_FIRST_SSM + 'A_logs'].shape[1])
+    groups: Dict[str, Dict[int, int]] = {'layers': {}, 'layers2': {}}
+    for key in sd:
+        match = _BLOCK_RE.match(key)
+        if match:
+            blocks = groups[match.group(1)]
+            blocks[int(match.group(2))] = max(blocks.get(int(match.group(2)), 0), int(match.group(3)) + 1)
+    if groups['layers']:
+        cfg['depths'] = [groups['layers'][i] for i in sorted(groups['layers'])]
+    cfg['cross_scale_scan'] = any(k.startswith(('layers2.', 'layers3.', 'patch_embed2.')) for k in sd)
+    if groups['layers2']:
+        cfg['depths2'] = [groups['layers2'][i] for i in sorted(groups['layers2'])]
+    ups = sorted((int(m.group(1)), sd[k]) for k in sd for m in [_UPSAMPLE_RE.match(k)] if m)
+    if ups:
+        ratios = {int(w.shape[0]) // int(w.shape[1]) for _, w in ups}
+        cfg['upscale'] = 3 if ratios == {9} else 2**len(ups)
+    if _FIRST_SSM + 'x_proj_weight' in sd and not cfg['cross_scale_scan']:
+        cfg['dual_interleaved_scan'] = int(sd[_FIRST_SSM + 'x_proj_weight'].shape[0]) == 2
+    if _FIRST_MLP in sd and 'embed_dim' in cfg:
+        cfg['mlp_ratio'] = int(sd[_FIRST_MLP].shape[0]) / cfg['embed_dim']
+    if 'layers.0.conv.weight' in sd or 'layers.0.conv.0.weight' in sd:
+        cfg['resi_connection'] = '1conv' if 'layers.0.conv.weight' in sd else '3conv'
+    if 'conv_first.weight' in sd:
+        cfg['patch_norm'] = 'patch_embed.norm.weight' in sd
+    return cfg
+
+
+def describe_state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True,
+                                 show: int = 5) -> Optional[str]:
+    """None if ``model.load_state_dict(state_dict, strict)`` would succeed, else an actionable message."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mis_shaped = [
+        k for k in own if k in state_dict and hasattr(state_dict[k], 'shape')
+        and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if not mis_shaped and (not strict or not (missing or unexpected)):
+        return None
+    lines = [f'{type(model).__name__}: the checkpoint does not match network_g ({len(missing)} missing, '
+             f'{len(unexpected)} unexpected, {len(mis_shaped)} mis-shaped keys).']
+    keys = list(state_dict)
+    if set(keys) & {'params', 'params_ema'}:
+        lines.append("  The dict holds 'params'/'params_ema': load the inner dict (BasicSR: path.param_key_g).")
+    elif keys and all(k.startswith('module.') for k in keys):
+        lines.append("  Every key starts with 'module.': strip that DataParallel/DDP prefix.")
+    else:
+        wanted, have = infer_mambacsr_config(state_dict), infer_mambacsr_config(own)
+        hints = [f'  network_g.{name}: checkpoint implies {wanted[name]!r}, the model has {have.get(name)!r}'
+                 for name in wanted if name in have and wanted[name] != have[name]]
+        lines.append('Most likely wrong hyper-parameter(s):' if hints else
+                     'No hyper-parameter visible in shapes differs; was the checkpoint saved from another arch?')
+        lines.extend(hints)
+    for title, names in (('missing', missing), ('unexpected', unexpected)):
+        if names:
+            more = f' ... (+{len(names) - show} more)' if len(names) > show else ''
+            lines.append(f'  {title} keys: {names[:show]}{more}')
+    for k in mis_shaped[:show]:
+        lines.append(f'  size mismatch {k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}')
+    return '\n'.join(lines)
+
+
+def _as_depths(value: Union[int, Sequence[int]], name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value]
+    try:
+        depths = [int(v) for v in value]
+    except TypeError as exc:
+        raise TypeError(f'MambaCSR: {name} must be an int or a list of ints, got {value!r}') from exc
+    if not depths or min(depths) < 1:
+        raise ValueError(f'MambaCSR: {name} must be a non-empty list of positive ints, got {value!r}')
+    return depths
+
+
+@registers(ARCH_REGISTRY)
+class MambaCSR(nn.Module):
+    """MambaCSR super-resolution network. (B, in_chans, H, W) -> (B, in_chans, upscale*H, upscale*W).
+
+    Args (the official option-file keys):
+        img_size, patch_size: kept for option-file compatibility (tokens are always single pixels).
+        in_chans: image channels. upscale: 2^n or 3. embed_dim: feature channels C.
+        d_state: SSM state size. depths: blocks per residual group. depths2: blocks of the
+        half-resolution groups (cross-scale only). mlp_ratio: MLP hidden / C.
+        img_range: 1. or 255. upsampler: 'pixelshuffle'. resi_connection: '1conv' | '3conv'.
+        dual_interleaved_scan: DIS schedule (see :func:`~mambacsr_arch.archs.dis_blocks.dis_directions`).
+        cross_scale_scan: add the half-resolution branch and the cross-scale fusion.
+        scan_size: DIS window S. drop_rate, drop_path_rate: dropout / stochastic depth.
+        patch_norm: LayerNorm after the patch embedding. use_checkpoint: gradient checkpointing.
+        scan_backend: selective-scan backend (``None`` = automatic; see :mod:`mambacsr_arch.ops`).
+    """
+
+    def __init__(self, img_size=64, patch_size=1, in_chans: int = 3, upscale: int = 4, embed_dim: int = 180,
+                 d_state: int = 16, depths: Union[int, Sequence[int]] = (6, 6, 6, 6, 6, 6),
+                 depths2: Union[int, Sequence[int]] = (6, ), mlp_ratio: float = 2., img_range: float = 1.,
+                 upsampler: str = 'pixelshuffle', resi_connection: str = '1conv', dual_interleaved_scan: bool = True,
+                 cross_scale_scan: bool = False, scan_size: int = 8, drop_rate: float = 0., drop_path_rate: float = 0.1,
+                 norm_layer=nn.LayerNorm, patch_norm: bool = True, use_checkpoint: bool = False,
+                 scan_backend: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__()
+        unknown = sorted(set(kwargs) - _IGNORED_OPTIONS)
+        if unknown:
+            warnings.warn(f'MambaCSR: ignoring unknown network_g option(s) {unknown}', stacklevel=2)
+        if upsampler != 'pixelshuffle':
+            raise ValueError(f"MambaCSR: upsampler must be 'pixelshuffle' (network_g.upsampler), got {upsampler!r}")
+        depths = _as_depths(depths, 'depths')
+        depths2 = _as_depths(depths2, 'depths2')
+        if cross_scale_scan and len(depths2) > len(depths):
+            raise ValueError(f'MambaCSR: depths2 {depths2} has more groups than depths {depths}; each half-resolution '
+                             f'group is fused after the main group of the same index')
+        num_feat = 64
+        self.img_range = img_range
+        self.upscale = upscale
+        self.upsampler = upsampler
+        self.cross_scale_scan = cross_scale_scan
+        self.embed_dim = embed_dim
+        self.num_features = embed_dim
+        self.mlp_ratio = mlp_ratio
+        self.num_layers = len(depths)
+        mean = (0.4488, 0.4371, 0.4040) if in_chans == 3 else (0., ) * in_chans
+        self.register_buffer('mean', torch.tensor(mean).view(1, in_chans, 1, 1), persistent=False)
+
+        # 1. shallow features
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        # 2. deep features
+        embed_norm = norm_layer if patch_norm else None
+        self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim, embed_dim, norm_layer=embed_norm)
+        self.patch_unembed = PatchUnEmbed(img_size, patch_size, embed_dim, embed_dim, norm_layer=embed_norm)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, sum(depths))]
+        group_kwargs = dict(d_state=d_state, mlp_ratio=mlp_ratio, use_checkpoint=use_checkpoint,
+                            resi_connection=resi_connection, dual_interleaved_scan=dual_interleaved_scan,
+                            cross_scale_scan=cross_scale_scan, scan_backend=scan_backend)
+        self.layers = nn.ModuleList([
+            ResidualDISGroup(embed_dim, depth, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], scan_size=scan_size,
+                             **group_kwargs) for i, depth in enumerate(depths)
+        ])
+        if cross_scale_scan:
+            self.pos_drop2 = nn.Dropout(p=drop_rate)
+            self.patch_embed2 = PatchEmbed(img_size, patch_size, embed_dim, embed_dim, norm_layer=embed_norm)
+            # official quirk: the half-resolution groups never receive scan_size (always 8) and reuse the
+            # stochastic-depth rates of the main group with the same index
+            self.layers2 = nn.ModuleList()
+            for i, depth in enumerate(depths2):
+                rates = dpr[sum(depths[:i]):sum(depths[:i + 1])]
+                rates = (rates + [drop_path_rate] * depth)[:depth]
+                self.layers2.append(ResidualDISGroup(embed_dim, depth, drop_path=rates, scan_size=8, **group_kwargs))
+            # official: the fusion keeps d_state 16 and a 4 x embed_dim MLP whatever d_state / mlp_ratio
+            self.layers3 = nn.ModuleList([
+                CrossScaleBlock(embed_dim, ('w16', 'w16_flip', 'c_w16', 'c_w16_flip'), d_state=16, mlp_ratio=4.,
+                                scan_backend=scan_backend) for _ in depths2
+            ])
+        self.norm = norm_layer(self.num_features)
+        self.conv_after_body = make_resi_conv(embed_dim, resi_connection)
+        # 3. reconstruction
+        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        self.upsample = Upsample(upscale, num_feat)
+        self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {'relative_position_bias_table'}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) shallow features -> (B, C, H, W) deep features. H, W even with cross-scale."""
+        x_size = (x.shape[2], x.shape[3])
+        if self.cross_scale_scan:
+            x_down = F.interpolate(x, scale_factor=0.5, mode='bilinear', align_corners=False)
+            down_size = (x_down.shape[2], x_down.shape[3])
+            x_down = self.pos_drop2(self.patch_embed2(x_down))
+        x = self.pos_drop(self.patch_embed(x))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, x_size)
+            if self.cross_scale_scan and i < len(self.layers2):
+                b, _, c = x.shape
+                x_down = self.layers2[i](x_down, down_size)
+                x = self.layers3[i].forward_nhwc(
+                    x.reshape(b, x_size[0], x_size[1], c), x_down.reshape(b, down_size[0], down_size[1], c))
+                x = x.reshape(b, -1, c)
+        x = self.norm(x)
+        return self.patch_unembed(x, x_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) in [0, 1] (or [0, img_range]) -> (B, in_chans, upscale*H, upscale*W)."""
+        h, w = x.shape[-2:]
+        if self.cross_scale_scan:  # the 0.5x branch needs even sizes: pad, crop the output back
+            x, _ = pad_to_multiple(x, 2)
+        mean = self.mean.to(x.dtype)
+        x = (x - mean) * self.img_range
+        x = self.conv_first(x)
+        x = self.conv_after_body(self.forward_features(x)) + x
+        x = self.conv_before_upsample(x)
+        x = self.conv_last(self.upsample(x))
+        x = x / self.img_range + mean
+        return x[..., :h * self.upscale, :w * self.upscale]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a mismatch that would fail raises one clear error instead.
+
+        The error lists the first missing/unexpected/mis-shaped keys and the hyper-parameters the
+        checkpoint implies (embed_dim, d_state, depths, cross_scale_scan, upscale...).
+        """
+        message = describe_state_dict_mismatch(self, state_dict, strict=strict)
+        if message:
+            raise RuntimeError(message)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
