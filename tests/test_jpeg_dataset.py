@@ -52,14 +52,15 @@ def test_registered_and_built_by_basicsr(gt_dir):
     assert isinstance(ds, JPEGDegradedPairedDataset) and len(ds) == 3
 
 
-def test_validation_lq_is_the_independent_pipeline_bit_for_bit(gt_dir):
-    ds = JPEGDegradedPairedDataset(make_opt(gt_dir, jpeg_quality=[10, 30]))
+@pytest.mark.parametrize('method', ['matlab_bicubic', 'cv2_bicubic'])
+def test_validation_lq_is_the_independent_pipeline_bit_for_bit(gt_dir, method):
+    ds = JPEGDegradedPairedDataset(make_opt(gt_dir, jpeg_quality=[10, 30], downsample=method))
     for index, name in enumerate(NAMES):
         sample = ds[index]
         gt_src = cv2.imread(str(gt_dir / f'{name}.png'))
         quality = [10, 30][index % 2]
         assert sample['jpeg_quality'] == quality and sample['gt_path'].endswith(f'{name}.png')
-        expected_lq = independent_csr(gt_src, 4, quality)
+        expected_lq = independent_csr(gt_src, 4, quality, method)
         expected_lq_t = torch.from_numpy(expected_lq[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255.)
         assert sample['lq'].dtype == torch.float32 and sample['lq'].shape == (3, 17, 22)
         assert torch.equal(sample['lq'], expected_lq_t)
@@ -160,9 +161,22 @@ def test_pre_generated_pairs_mode_matches_on_the_fly(gt_dir, tmp_path):
         JPEGDegradedPairedDataset(make_opt(gt_dir, dataroot_lq=str(lq_dir), filename_tmpl='{}x4'))
 
 
+def test_meta_info_file_selects_and_orders_images(gt_dir, tmp_path):
+    meta = tmp_path / 'meta_info.txt'
+    meta.write_text('coffee.png (70,90,3) 1\nastronaut.png (70,90,3) 1\n')
+    ds = JPEGDegradedPairedDataset(make_opt(gt_dir, meta_info_file=str(meta), jpeg_quality=[10, 30]))
+    assert [osp.basename(p['gt_path']) for p in ds.paths] == ['coffee.png', 'astronaut.png']
+    assert [ds[i]['jpeg_quality'] for i in range(2)] == [10, 30]
+    with pytest.raises(FileNotFoundError, match='meta_info_file'):
+        JPEGDegradedPairedDataset(make_opt(gt_dir, meta_info_file=str(tmp_path / 'none.txt')))
+
+
 def test_color_y_and_normalisation(gt_dir):
     y = JPEGDegradedPairedDataset(make_opt(gt_dir, color='y'))[0]
     assert y['lq'].shape == (1, 17, 22) and y['gt'].shape == (1, 68, 88)
+    random.seed(0)
+    y_train = JPEGDegradedPairedDataset(make_opt(gt_dir, phase='train', color='y'))[0]
+    assert y_train['lq'].shape == (1, 8, 8) and y_train['gt'].shape == (1, 32, 32)
     plain = JPEGDegradedPairedDataset(make_opt(gt_dir))[0]
     norm = JPEGDegradedPairedDataset(make_opt(gt_dir, mean=[0.5] * 3, std=[0.5] * 3))[0]
     assert torch.allclose(norm['lq'], plain['lq'] * 2 - 1)

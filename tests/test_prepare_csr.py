@@ -2,6 +2,8 @@
 import json
 import os
 import os.path as osp
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -149,14 +151,15 @@ def test_resume_after_a_killed_run(gt_dir, tmp_path, monkeypatch):
     assert json.loads((out / 'manifest.json').read_text())['qualities'] == [10, 30, 50]
 
 
-def test_corrupt_input_is_skipped_and_reported(gt_dir, tmp_path, capsys):
+def test_corrupt_input_is_skipped_and_reported(gt_dir, tmp_path):
     (gt_dir / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
     out = tmp_path / 'out'
-    status = cli_main(['prepare-csr', '--gt', str(gt_dir), '--out', str(out), '--quality', '10', '--workers', '1',
-                       '--quiet'])
-    assert status == 1
-    err = capsys.readouterr().err
-    assert 'broken.jpg' in err
+    script = osp.join(osp.dirname(sys.executable), 'basicsr')  # the installed console script
+    command = [script] if osp.exists(script) else [sys.executable, '-m', 'mambacsr_arch.cli.main']
+    proc = subprocess.run(command + ['prepare-csr', '--gt', str(gt_dir), '--out', str(out), '--quality', '10',
+                                     '--workers', '2', '--quiet'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert 'broken.jpg' in proc.stderr and '3 written' in proc.stdout and '1 failed' in proc.stdout
     manifest = json.loads((out / 'manifest.json').read_text())
     assert [f['file'] for f in manifest['failed']] == [str(gt_dir / 'broken.jpg')]
     assert manifest['counts']['failed'] == 1 and manifest['counts']['written'] == 3
