@@ -75,7 +75,7 @@ def test_outputs_bit_identical_to_dataset_and_independent_pipeline(gt_dir, tmp_p
     assert manifest['downsample'] == 'matlab_bicubic' and manifest['versions']['opencv'] == cv2.__version__
     assert 'jpeg' in manifest['versions']['libjpeg'].lower()
     assert manifest['counts']['inputs'] == 3 and manifest['counts']['files']['LQ_q30'] == 3
-    assert manifest['failed'] == []
+    assert manifest['failed'] == [] and manifest['complete'] is True
 
 
 def test_subimage_grid_follows_the_extract_subimages_recipe():
@@ -133,6 +133,9 @@ def test_resume_after_a_killed_run(gt_dir, tmp_path, monkeypatch):
         if not osp.basename(path).startswith('.'):
             assert data == expected[path], path
     assert not (out / 'GT' / f'{NAMES[0]}.png').exists()  # first image not marked done
+    assert json.loads((out / 'manifest.json').read_text())['complete'] is False
+    with pytest.raises(PrepareError, match='scale=4'):  # the killed run's options are already recorded
+        prepare_csr(config(gt_dir, out, scale=2, crop=32, step=32))
 
     result = prepare_csr(config(gt_dir, out, crop=32, step=32))
     assert result.ok and result.written == 3 and result.skipped == 0

@@ -20,6 +20,9 @@ Resuming: every file is written to a hidden temporary name, then renamed, so a k
 no half-written PNG. Per image, the sub-images are written before the whole image, so an
 existing ``LQ_q<Q>/<stem>.png`` (or ``GT/<stem>.png``) means that part is complete and a re-run
 skips it. A corrupt input is reported, listed in the manifest and skipped; the others finish.
+Re-running with a different scale, downsample or crop/step/thresh into the same ``out`` is refused
+(new qualities and new source images are fine). Do not run two instances on one ``out`` at once:
+each removes the other's in-progress temporaries on start.
 """
 from __future__ import annotations
 
@@ -217,8 +220,12 @@ def _previous_manifest(cfg: PrepareConfig) -> Dict[str, Any]:
     path = osp.join(cfg.out_dir, 'manifest.json')
     if not osp.exists(path):
         return {}
-    with open(path, 'r', encoding='utf-8') as f:
-        old = json.load(f)
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            old = json.load(f)
+    except (OSError, ValueError) as err:
+        raise PrepareError(f'{path}: unreadable manifest ({err}); delete it only if the outputs in --out were '
+                           'made with the same --scale/--downsample/--crop/--step/--thresh.') from None
     for key in _COMPARED_OPTIONS:
         if key in old and old[key] != getattr(cfg, key):
             raise PrepareError(f'--out {cfg.out_dir!r} holds outputs made with {key}={old[key]!r}, not '
@@ -298,6 +305,8 @@ def prepare_csr(config: PrepareConfig) -> PrepareResult:
     for folder in _output_folders(cfg, cfg.qualities):
         os.makedirs(osp.join(cfg.out_dir, folder), exist_ok=True)
         _remove_stale_temporaries(osp.join(cfg.out_dir, folder))
+    # record the options before any output exists, so a killed first run is still checked on resume
+    _write_manifest(cfg, qualities_all, PrepareResult(inputs=len(sources), written=0, skipped=0), complete=False)
     shared = {k: getattr(cfg, k) for k in ('out_dir', 'scale', 'qualities', 'downsample', 'crop', 'step', 'thresh')}
     results = _run_tasks([(path, stem, shared) for path, stem in sources], cfg)
 
@@ -322,7 +331,7 @@ def prepare_csr(config: PrepareConfig) -> PrepareResult:
     return result
 
 
-def _write_manifest(cfg: PrepareConfig, qualities: Sequence[int], result: PrepareResult) -> str:
+def _write_manifest(cfg: PrepareConfig, qualities: Sequence[int], result: PrepareResult, complete: bool = True) -> str:
     import basicsr
 
     from ..version import __version__
@@ -331,6 +340,7 @@ def _write_manifest(cfg: PrepareConfig, qualities: Sequence[int], result: Prepar
         'tool': 'basicsr prepare-csr',
         'mambacsr_arch': __version__,
         'created_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'complete': complete,  # false while a run is in progress or after it was killed
         'source': cfg.gt_dir,
         'scale': cfg.scale,
         'qualities': list(qualities),
