@@ -19,7 +19,8 @@ import yaml
 
 import mambacsr_arch  # noqa: F401  (registers HAT before basicsr is used)
 from basicsr.archs import build_network
-from basicsr.metrics import calculate_psnr
+from basicsr.metrics import calculate_psnr, calculate_ssim
+from mambacsr_arch.cli.evaluate import evaluate_folders
 from mambacsr_arch.cli.main import main as cli_main
 
 sys.path.insert(0, osp.dirname(__file__))
@@ -166,7 +167,7 @@ def test_cuda_request_without_cuda_is_one_clear_error(tmp_path, ckpts, capsys):
     assert 'CUDA is not available' in err and '--device cpu' in err and 'Traceback' not in err
 
 
-def _write_pairs(root, names=('astronaut', 'chelsea', 'coffee'), gt_size=(40, 56), scale=4):
+def _write_pairs(root, names=('astronaut', 'chelsea', 'coffee'), gt_size=(64, 88), scale=4):
     for sub in ('gt', 'lq'):
         os.makedirs(osp.join(root, sub), exist_ok=True)
     for name in names:
@@ -177,17 +178,21 @@ def _write_pairs(root, names=('astronaut', 'chelsea', 'coffee'), gt_size=(40, 56
 
 
 @pytest.mark.slow
-def test_infer_then_psnr_matches_basicsr_test(tmp_path, ckpts):
-    """Round trip: `basicsr test` on a checkpoint == `basicsr infer` + basicsr.metrics on the same data."""
+def test_infer_then_eval_matches_basicsr_test(tmp_path, ckpts):
+    """Round trip: `basicsr test -opt X` == `basicsr infer --opt X` + `basicsr eval`'s scoring == basicsr.metrics.
+
+    HATModel with tiles (LR 16x22, 12 px tiles) so infer must read the same `val` settings as the model.
+    """
     _write_pairs(str(tmp_path / 'data'))
     metric = {'crop_border': 4, 'test_y_channel': True}
     opt = {
-        'name': 'roundtrip', 'model_type': 'SRModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
+        'name': 'roundtrip', 'model_type': 'HATModel', 'scale': 4, 'num_gpu': 0, 'manual_seed': 0,
         'datasets': {'test_1': {'name': 'pairs', 'type': 'PairedImageDataset', 'dataroot_gt': 'data/gt',
                                 'dataroot_lq': 'data/lq', 'io_backend': {'type': 'disk'}}},
         'network_g': dict(HAT_TINY),
         'path': {'pretrain_network_g': ckpts['HAT'], 'param_key_g': 'params', 'strict_load_g': True},
-        'val': {'save_img': False, 'metrics': {'psnr': dict(type='calculate_psnr', **metric)}},
+        'val': {'save_img': True, 'suffix': None, 'tile': {'size': 12, 'overlap': 4},
+                'metrics': {'psnr': dict(type='calculate_psnr', **metric)}},
     }
     yml = tmp_path / 'test.yml'
     yml.write_text(yaml.safe_dump(opt))
@@ -203,7 +208,13 @@ def test_infer_then_psnr_matches_basicsr_test(tmp_path, ckpts):
 
     assert _infer(['-i', tmp_path / 'data' / 'lq', '-o', tmp_path / 'sr', '--opt', yml, '--device', 'cpu',
                    '--no-progress']) == 0
-    names = sorted(os.listdir(tmp_path / 'data' / 'gt'))
-    assert sorted(os.listdir(tmp_path / 'sr')) == names
-    psnrs = [calculate_psnr(_read(tmp_path / 'sr' / n), _read(tmp_path / 'data' / 'gt' / n), **metric) for n in names]
-    assert abs(float(np.mean(psnrs)) - psnr_test) < 2e-4, (psnrs, psnr_test)
+    result = evaluate_folders(str(tmp_path / 'sr'), str(tmp_path / 'data' / 'gt'), **metric)
+    assert result.count == 3 and not result.failures
+    assert abs(result.mean_psnr - psnr_test) < 2e-4, (result.mean_psnr, psnr_test)
+    for record in result.records:  # eval's numbers are basicsr.metrics' numbers
+        restored, gt = _read(record.restored), _read(record.gt)
+        assert record.psnr == pytest.approx(calculate_psnr(restored, gt, **metric), abs=1e-9)
+        assert record.ssim == pytest.approx(calculate_ssim(restored, gt, **metric), abs=1e-9)
+        # and the pixels are the ones `basicsr test` saved (same tiles, padding, rounding)
+        saved = _read(log_dir / 'visualization' / 'pairs' / f'{record.name}_roundtrip.png')
+        assert np.abs(saved.astype(int) - restored.astype(int)).max() <= 1, record.name

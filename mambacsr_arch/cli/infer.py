@@ -7,10 +7,14 @@ Usage::
         --arch-opt embed_dim=180 'depths=[6,6,6,6,6,6]' --scale 4 [--tile 256 --tile-overlap 32]
 
 The network comes from an option file (``network_g``, ``path.pretrain_network_g``,
-``path.param_key_g``, ``path.strict_load_g``, ``scale``; tiles from ``val.tile.size`` /
-``val.tile.overlap`` or HAT's ``tile.tile_size`` / ``tile.tile_pad``) or from ``--arch`` +
-``--weights``; ``--network-opt JSON`` then ``--arch-opt key=value`` override constructor kwargs,
-command-line flags override the option file. Checkpoints are read by
+``path.param_key_g``, ``path.strict_load_g``, ``scale``) or from ``--arch`` + ``--weights``;
+``--network-opt JSON`` then ``--arch-opt key=value`` override constructor kwargs. Inference
+settings are read from the option file exactly as ``MambaCSRModel``/``HATModel.test`` read them
+(``val.tile.{size,overlap}``, ``val.max_pixels``, ``val.pad_multiple``, ``val.official_protocol``
+with top-level ``padding_size``, ``val.use_amp``; HAT's top-level ``tile.{tile_size,tile_pad}``
+is accepted too), so ``basicsr infer --opt X`` restores images like ``basicsr test -opt X``.
+Command-line flags override the option file. The input multiple is ``val.pad_multiple``, else
+the network's ``pad_multiple`` attribute, else its ``window_size``, else 1. Checkpoints are read by
 :func:`mambacsr_arch.models.weights.load_weights` (``params``/``params_ema``/bare state dict,
 ``module.`` prefixes stripped).
 
@@ -51,8 +55,13 @@ class InferSetup:
     param_key: Optional[str]
     strict: bool
     scale: int
-    tile_size: Optional[int]  # None: automatic (whole image up to restore_image's budget); 0: never tile
+    tile_size: Optional[int]  # None: automatic (whole image up to max_pixels); 0: never tile
     tile_overlap: int
+    max_pixels: Optional[int] = None  # restore_image's auto-tiling budget (LR px); None: its default
+    pad_multiple: Optional[int] = None  # None: from the network (see module doc)
+    official_protocol: bool = False
+    official_padding_size: int = 64
+    amp: Optional[str] = None  # 'fp16', 'bf16' or None
     notes: List[str] = field(default_factory=list)
 
 
@@ -79,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument('--tile', type=int, help='LR tile size in px; 0 = never tile (default: val.tile.size, else '
                       'whole images up to 512x512 LR px and 256 px tiles above)')
     run_.add_argument('--tile-overlap', type=int, help='minimum tile overlap in LR px (default: 32)')
+    run_.add_argument('--official-protocol', action='store_true',
+                      help="renyulin-f/MambaCSR's chop test (padding_size from the option file, else 64)")
     run_.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto (cuda if available; default)')
     precision = run_.add_mutually_exclusive_group()
     precision.add_argument('--fp16', action='store_true', help='float16 autocast')
@@ -160,6 +171,7 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
         raise InferConfigError(f'cannot tell the upscaling factor (got {scale!r}): pass --scale N or set scale '
                                f'in {source}.')
 
+    val = opt.get('val') or {}
     opt_tile, opt_overlap = _tile_from_options(opt)
     tile_size = args.tile if args.tile is not None else opt_tile
     tile_overlap = args.tile_overlap if args.tile_overlap is not None else (opt_overlap or 32)
@@ -167,8 +179,28 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
         raise InferConfigError(f'--tile ({tile_size}) and --tile-overlap ({tile_overlap}) must be >= 0.')
     if tile_size and tile_size <= tile_overlap:
         raise InferConfigError(f'--tile ({tile_size}) must exceed --tile-overlap ({tile_overlap}).')
+    amp = 'fp16' if args.fp16 else 'bf16' if args.bf16 else val.get('use_amp')
+    if amp in (None, False, 'none', 'None', 'fp32', 'float32'):
+        amp = None
+    elif str(amp).lower() not in ('fp16', 'bf16'):
+        raise InferConfigError(f'val.use_amp in {source} must be bf16, fp16 or ~ (got {amp!r}).')
     return InferSetup(network_opt=network_opt, weights=str(weights), param_key=param_key, strict=strict,
-                      scale=int(scale), tile_size=tile_size, tile_overlap=int(tile_overlap))
+                      scale=int(scale), tile_size=tile_size, tile_overlap=int(tile_overlap),
+                      max_pixels=val.get('max_pixels'), pad_multiple=val.get('pad_multiple'),
+                      official_protocol=bool(args.official_protocol or val.get('official_protocol', False)),
+                      official_padding_size=int(opt.get('padding_size', 64)),
+                      amp=None if amp is None else str(amp).lower())
+
+
+def restore_kwargs(setup: InferSetup, net: Any) -> Dict[str, Any]:
+    """Keyword arguments of :func:`restore_image` for ``setup`` and the built ``net``."""
+    import torch
+
+    pad_multiple = setup.pad_multiple or getattr(net, 'pad_multiple', None) or getattr(net, 'window_size', None) or 1
+    return dict(tile_size=setup.tile_size or None, tile_overlap=setup.tile_overlap, pad_multiple=int(pad_multiple),
+                max_pixels=0 if setup.tile_size == 0 else setup.max_pixels,
+                official_protocol=setup.official_protocol, official_padding_size=setup.official_padding_size,
+                amp_dtype={'fp16': torch.float16, 'bf16': torch.bfloat16}.get(setup.amp or ''))
 
 
 def resolve_device(name: str):
@@ -256,7 +288,7 @@ def write_image_atomic(img, path: str) -> None:
         raise
 
 
-def restore_file(net, path: str, setup: InferSetup, device, amp_dtype=None):
+def restore_file(net, path: str, setup: InferSetup, device) -> Any:
     """Read ``path`` (any layout), restore it; returns uint8 BGR (h*scale, w*scale, 3)."""
     import numpy as np
     import torch
@@ -267,10 +299,7 @@ def restore_file(net, path: str, setup: InferSetup, device, amp_dtype=None):
 
     img = read_image_bgr8(path)
     lq = img2tensor(img.astype(np.float32) / 255.0, bgr2rgb=True, float32=True).unsqueeze(0).to(device)
-    tile = setup.tile_size if setup.tile_size else None
-    max_pixels = 0 if setup.tile_size == 0 else None
-    out = restore_image(net, lq, setup.scale, tile_size=tile, tile_overlap=setup.tile_overlap,
-                        max_pixels=max_pixels, amp_dtype=amp_dtype)
+    out = restore_image(net, lq, setup.scale, **restore_kwargs(setup, net))
     result = tensor2img(out.detach().float().cpu(), rgb2bgr=True, min_max=(0, 1))
     expected = (img.shape[0] * setup.scale, img.shape[1] * setup.scale)
     if result.shape[:2] != expected:
@@ -294,7 +323,6 @@ def run(args: argparse.Namespace) -> int:
     from mambacsr_arch.cli.runtime import load_plugins
 
     load_plugins()
-    import torch
     from tqdm import tqdm
 
     from mambacsr_arch.data.image_io import ImageReadError
@@ -309,7 +337,6 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(args.output, exist_ok=True)
     except InferConfigError as err:
         return _error(str(err))
-    amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
 
     written, skipped, failed = 0, 0, []  # failed: one message per image, naming the file
     claimed: Dict[str, str] = {}  # output path -> the input that writes it
@@ -327,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             claimed[out_path] = path
             try:
-                write_image_atomic(restore_file(net, path, setup, device, amp_dtype), out_path)
+                write_image_atomic(restore_file(net, path, setup, device), out_path)
                 written += 1
             except ImageReadError as err:  # corrupt / unsupported file: this image only
                 message = str(err)
