@@ -199,7 +199,8 @@ class MambaCSR(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim, embed_dim, norm_layer=embed_norm)
         self.patch_unembed = PatchUnEmbed(img_size, patch_size, embed_dim, embed_dim, norm_layer=embed_norm)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, sum(depths))]
+        total = sum(depths)  # stochastic depth rising linearly 0 -> drop_path_rate (python floats: meta-safe)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         group_kwargs = dict(d_state=d_state, mlp_ratio=mlp_ratio, use_checkpoint=use_checkpoint,
                             resi_connection=resi_connection, dual_interleaved_scan=dual_interleaved_scan,
                             cross_scale_scan=cross_scale_scan, scan_backend=scan_backend)
