@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+import mambacsr_arch  # noqa: F401  (shims before basicsr is imported below)
+
 EXPECTED = {
     'ARCH_REGISTRY': ['MambaCSR', 'HAT', 'DISBlock', 'CrossScaleBlock'],
     'DATASET_REGISTRY': ['JPEGDegradedPairedDataset'],
@@ -46,8 +48,11 @@ def test_foreign_registration_is_kept_and_ours_gets_an_alias():
     proc = run_python("""
         import warnings
         warnings.simplefilter('always')
-        import mambacsr_arch._compat as compat
-        compat.apply()
+        # a BasicSR fork's HAT is registered before the plugin loads; basicsr 1.4.2 needs the
+        # torchvision alias to import at all, so apply it by hand (not through our package)
+        import sys
+        import torchvision.transforms._functional_tensor as functional_tensor
+        sys.modules.setdefault('torchvision.transforms.functional_tensor', functional_tensor)
         from basicsr.utils.registry import ARCH_REGISTRY
         import torch.nn as nn
 
