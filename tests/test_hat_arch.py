@@ -170,6 +170,14 @@ def test_bad_options_raise_actionable_errors():
         _tiny(overlap_ratio=0.25)
 
 
+def test_unknown_option_warns_and_nominal_size_rule():
+    with pytest.warns(UserWarning, match='window_sizes'):
+        _tiny(window_sizes=8)
+    # official rule: no shifted windows when img_size // patch_size fits in one window
+    assert [blk.shift_size for blk in _tiny(img_size=4).layers[0].residual_group.blocks] == [0, 0]
+    assert [blk.shift_size for blk in _tiny().layers[0].residual_group.blocks] == [0, 2]
+
+
 def test_registered_and_buildable():
     assert ARCH_REGISTRY.get('mambacsr_arch.HAT') is HAT
     net = build_network({'type': 'mambacsr_arch.HAT', **TINY})

@@ -16,6 +16,7 @@ Differences in behaviour, none of which changes results on inputs the official c
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
 
@@ -104,6 +105,8 @@ class HAT(nn.Module):
                  use_checkpoint: bool = False, upscale: int = 2, img_range: float = 1., upsampler: str = '',
                  resi_connection: str = '1conv', **kwargs: Any) -> None:
         super().__init__()
+        if kwargs:  # the official HAT accepts and ignores unknown options; we do too, but say so
+            warnings.warn(f'HAT: ignoring unknown network_g options {sorted(kwargs)} (typo?).', stacklevel=2)
         if upsampler not in UPSAMPLERS:
             raise ValueError(f'HAT: upsampler must be one of {UPSAMPLERS}, got {upsampler!r} '
                              '(network_g.upsampler; released HAT models use pixelshuffle).')
