@@ -26,6 +26,7 @@ ENV_VAR = 'MAMBACSR_SCAN_BACKEND'
 BACKENDS = ('mamba_ssm', 'cpu', 'torch', 'reference')
 logger = logging.getLogger('mambacsr_arch')
 _LOGGED: Set[Tuple[str, str]] = set()
+_AVAILABILITY: Dict[str, Optional[str]] = {}  # backend -> None or reason; probed once per process
 
 
 def _cpu_module():
@@ -34,11 +35,15 @@ def _cpu_module():
 
 
 def _unavailable(name: str) -> Optional[str]:
-    if name == 'mamba_ssm':
-        return mamba_ssm_backend.unavailable_reason()
-    if name == 'cpu':
-        return _cpu_module().unavailable_reason()
-    return None
+    """None if backend ``name`` is usable, else why not (probed once, then cached)."""
+    if name not in _AVAILABILITY:
+        if name == 'mamba_ssm':
+            _AVAILABILITY[name] = mamba_ssm_backend.unavailable_reason()
+        elif name == 'cpu':
+            _AVAILABILITY[name] = _cpu_module().unavailable_reason()
+        else:
+            _AVAILABILITY[name] = None
+    return _AVAILABILITY[name]
 
 
 def available_backends() -> Dict[str, Optional[str]]:
@@ -124,6 +129,24 @@ def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
         raise ValueError(f'selective_scan: z must be (batch, dim, L) like u, got {tuple(z.shape)}')
 
 
+def _unfused(core, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+             delta_softplus: bool, return_last_state: bool):
+    """delta_bias/softplus, D and the silu(z) gate in float32 PyTorch around a recurrence ``core``."""
+    uf = u.float()
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    y, last_state = core(uf, dt, A.float(), B.float(), C.float(), return_last_state)
+    if D is not None:
+        y = torch.addcmul(y, uf, D.float()[:, None])
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y, last_state
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
@@ -150,22 +173,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
             if return_last_state:
                 return result[0].to(u.dtype), result[1]
             return result.to(u.dtype)
-        uf = u.float()
-        dt = delta.float()
-        if delta_bias is not None:
-            dt = dt + delta_bias.float()[:, None]
-        if delta_softplus:
-            dt = F.softplus(dt)
         if name == 'cpu':
-            core = _cpu_module().scan_core
-        elif name == 'torch':
-            core = torch_scan.scan_core
+            out, last_state = _cpu_module().scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                 return_last_state)
         else:
-            core = reference.scan_core
-        y, last_state = core(uf, dt, A.float(), B.float(), C.float(), return_last_state)
-        if D is not None:
-            y = torch.addcmul(y, uf, D.float()[:, None])
-        if z is not None:
-            y = y * F.silu(z.float())
-        out = y.to(u.dtype)
+            core = torch_scan.scan_core if name == 'torch' else reference.scan_core
+            out, last_state = _unfused(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                       return_last_state)
+        out = out.to(u.dtype)
     return (out, last_state) if return_last_state else out

@@ -1,0 +1,193 @@
+"""Every available selective-scan backend against a float64 sequential recurrence written here."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mambacsr_arch  # noqa: F401  (shims before anything else)
+from mambacsr_arch.ops import available_backends, selective_scan
+
+BACKENDS = [name for name in ('cpu', 'torch', 'reference') if available_backends()[name] is None]
+NAMES = ['u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias']
+
+
+def scan64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Float64 recurrence of mamba_ssm's selective_scan_ref, one step at a time. Returns (out, last)."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    batch, dim, length = u.shape
+    rep = dim // B.shape[1]
+    B = B.repeat_interleave(rep, dim=1)  # channel d reads group d // (dim / groups)
+    C = C.repeat_interleave(rep, dim=1)
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(length):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
+        ys.append((h * C[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.double()[:, None]
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, h
+
+
+def make_inputs(batch: int, dim: int, n: int, length: int, groups: int, with_D: bool, with_z: bool,
+                with_bias: bool, three_d_bc: bool = False, seed: int = 0,
+                delta_scale: float = 1.0) -> Dict[str, Optional[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    shape_bc = (batch, n, length) if three_d_bc else (batch, groups, n, length)
+    return {
+        'u': torch.randn(batch, dim, length, generator=g),
+        'delta': torch.rand(batch, dim, length, generator=g) * delta_scale - 0.2,
+        'A': -torch.rand(dim, n, generator=g) * 3 - 0.05,
+        'B': torch.randn(shape_bc, generator=g),
+        'C': torch.randn(shape_bc, generator=g),
+        'D': torch.randn(dim, generator=g) if with_D else None,
+        'z': torch.randn(batch, dim, length, generator=g) if with_z else None,
+        'delta_bias': torch.rand(dim, generator=g) * 0.5 if with_bias else None,
+    }
+
+
+def run(fn, inputs, softplus: bool, last: bool, weights, dtype=None):
+    """Forward and gradients of sum(out * w) (+ sum(last * w_last))."""
+    leaves = {k: (None if v is None else (v.to(dtype) if dtype else v).detach().requires_grad_())
+              for k, v in inputs.items()}
+    res = fn(leaves['u'], leaves['delta'], leaves['A'], leaves['B'], leaves['C'], leaves['D'], leaves['z'],
+             leaves['delta_bias'], softplus)
+    out, last_state = res if isinstance(res, tuple) else (res, None)
+    loss = (out.double() * weights[0]).sum()
+    if last:
+        loss = loss + (last_state.double() * weights[1]).sum()
+    present = [k for k in NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
+    return out, last_state, dict(zip(present, grads))
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    expected = expected.double()
+    atol = rtol * max(expected.abs().max().item(), 1e-6)
+    assert actual.isfinite().all(), f'{what}: non-finite values'
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f'{what}: {m}')
+
+
+def compare(backend: str, inputs, softplus: bool, last: bool, dtype=None, rtol_fwd=1e-4, rtol_grad=1e-3):
+    batch, dim, length = inputs['u'].shape
+    g = torch.Generator().manual_seed(123)
+    weights = (torch.randn(batch, dim, length, generator=g, dtype=torch.float64),
+               torch.randn(batch, dim, inputs['A'].shape[1], generator=g, dtype=torch.float64))
+    ref_inputs = {k: None if v is None else (v.to(dtype) if dtype else v).double() for k, v in inputs.items()}
+
+    def ours(u, delta, A, B, C, D, z, delta_bias, sp):
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, sp, return_last_state=last, backend=backend)
+
+    def ref(u, delta, A, B, C, D, z, delta_bias, sp):
+        out, h = scan64(u, delta, A, B, C, D, z, delta_bias, sp)
+        return (out, h) if last else out
+
+    out, last_state, grads = run(ours, inputs, softplus, last, weights, dtype)
+    ref_out, ref_last, ref_grads = run(ref, ref_inputs, softplus, last, weights)
+    assert out.dtype == (dtype or torch.float32) and out.shape == (batch, dim, length)
+    close(out, ref_out, rtol_fwd, f'{backend} output')
+    if last:
+        assert last_state.dtype == torch.float32 and last_state.shape == ref_last.shape
+        close(last_state, ref_last, rtol_fwd, f'{backend} last_state')
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        assert grads[k].shape == ref_grads[k].shape and grads[k].dtype == (dtype or torch.float32)
+        close(grads[k], ref_grads[k], rtol_grad, f'{backend} d{k}')
+
+
+# (batch, dim, N, L, groups, D, z, delta_bias, softplus, return_last_state, 3-D B/C)
+CASES: List[tuple] = [
+    (2, 4, 1, 1, 1, False, False, False, False, True, False),
+    (2, 8, 4, 7, 2, True, True, True, True, True, False),
+    (1, 8, 16, 64, 4, True, False, True, False, False, False),
+    (3, 8, 16, 65, 2, False, True, False, True, True, False),
+    (2, 6, 4, 130, 1, True, True, True, True, False, True),
+    (1, 4, 16, 200, 4, False, False, False, True, True, False),
+]
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('case', CASES, ids=lambda c: 'b{}d{}n{}L{}g{}'.format(*c[:5]))
+def test_matches_float64_reference(backend: str, case: tuple) -> None:
+    batch, dim, n, length, groups, D, z, bias, softplus, last, three_d = case
+    inputs = make_inputs(batch, dim, n, length, groups, D, z, bias, three_d, seed=hash(case) % 1000)
+    compare(backend, inputs, softplus, last)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backend', [b for b in BACKENDS if b != 'reference'])
+@pytest.mark.parametrize('n', [1, 16])
+def test_long_sequence(backend: str, n: int) -> None:
+    """L not a multiple of any chunk size, both chunk boundaries and carry-over exercised."""
+    inputs = make_inputs(1, 4, n, 1031, 2, True, True, True, seed=n)
+    compare(backend, inputs, softplus=True, last=True)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_bfloat16_inputs(backend: str) -> None:
+    inputs = make_inputs(2, 8, 16, 70, 2, True, True, True, seed=5)
+    compare(backend, inputs, softplus=True, last=True, dtype=torch.bfloat16, rtol_fwd=2e-2, rtol_grad=3e-2)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('scale', [50.0, 1000.0])
+def test_large_steps_stay_finite(backend: str, scale: float) -> None:
+    """delta * |A| up to ``scale`` per step: decays underflow to 0, nothing overflows."""
+    g = torch.Generator().manual_seed(7)
+    inputs = make_inputs(1, 4, 16, 150, 1, True, True, False, seed=7)
+    inputs['A'] = -torch.rand(4, 16, generator=g) - 0.01
+    inputs['delta'] = torch.rand(1, 4, 150, generator=g) * scale
+    compare(backend, inputs, softplus=False, last=True)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_autocast_keeps_float32(backend: str) -> None:
+    inputs = make_inputs(1, 4, 8, 20, 1, True, True, True, seed=3)
+    args = [inputs[k] for k in NAMES]
+    expected = selective_scan(*args, delta_softplus=True, backend=backend)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = selective_scan(*args, delta_softplus=True, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('backend', [b for b in BACKENDS if b != 'reference'])
+def test_backward_memory_is_bounded(backend: str) -> None:
+    """Autograd keeps O(batch * dim * L) per call, never the (batch, dim, L, N) states."""
+    batch, dim, n, length = 2, 32, 16, 512  # B, C (batch, 2, N, L) are inputs: 1/16 of the states
+    inputs = make_inputs(batch, dim, n, length, 2, True, True, True, seed=11)
+    leaves = [v.requires_grad_() for v in (inputs[k] for k in NAMES)]
+    saved: List[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = selective_scan(*leaves, delta_softplus=True, backend=backend)
+    out.sum().backward()
+    states = batch * dim * length * n
+    assert saved and max(saved) < states / 4, f'largest saved tensor {max(saved)} vs states {states}'
+    assert all(v.grad is not None and v.grad.isfinite().all() for v in leaves)
+
+
+def test_rejects_bad_shapes() -> None:
+    inputs = make_inputs(1, 6, 4, 10, 1, False, False, False)
+    u, delta, A, B, C = (inputs[k] for k in NAMES[:5])
+    with pytest.raises(ValueError, match='divisible by groups'):
+        selective_scan(u, delta, A, B.expand(1, 4, 4, 10), C.expand(1, 4, 4, 10))
+    with pytest.raises(ValueError, match='A must be'):
+        selective_scan(u, delta, A[:3], B, C)
+    with pytest.raises(ValueError, match='D must be'):
+        selective_scan(u, delta, A, B, C, D=torch.ones(5))
