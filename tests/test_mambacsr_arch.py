@@ -254,3 +254,22 @@ def test_state_dict_mismatch_errors_name_the_hyper_parameter():
     result = net.load_state_dict(partial, strict=False)
     assert 'conv_last.weight' in result.missing_keys
     assert torch.equal(net.conv_first.weight, golden['state_dict']['conv_first.weight'])
+
+
+def test_set_scan_backend_pins_every_mixer(monkeypatch):
+    backends = []
+    original = ops.selective_scan
+
+    def spy(*args, **kwargs):
+        backends.append(kwargs.get('backend'))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, 'selective_scan', spy)
+    net = tiny(cross_scale_scan=True).eval()
+    x = torch.rand(1, 3, 6, 5)
+    with torch.no_grad():
+        automatic = net(x)
+        pinned = net.set_scan_backend('reference')(x)
+    assert backends[:len(backends) // 2] == [None] * (len(backends) // 2)
+    assert backends[len(backends) // 2:] == ['reference'] * (len(backends) // 2)
+    assert torch.allclose(automatic, pinned, atol=1e-5)

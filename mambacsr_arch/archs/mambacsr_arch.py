@@ -44,12 +44,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
 from basicsr.archs.arch_util import Upsample, trunc_normal_
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from ..registry import registers
 from .dis_blocks import CrossScaleBlock, ResidualDISGroup, make_resi_conv
+from .ss2d import SS2D
 from .layers import PatchEmbed, PatchUnEmbed, pad_to_multiple
 
 __all__ = ['MambaCSR', 'infer_mambacsr_config', 'describe_state_dict_mismatch']
@@ -158,8 +160,11 @@ class MambaCSR(nn.Module):
         dual_interleaved_scan: DIS schedule (see :func:`~mambacsr_arch.archs.dis_blocks.dis_directions`).
         cross_scale_scan: add the half-resolution branch and the cross-scale fusion.
         scan_size: DIS window S. drop_rate, drop_path_rate: dropout / stochastic depth.
-        patch_norm: LayerNorm after the patch embedding. use_checkpoint: gradient checkpointing.
-        scan_backend: selective-scan backend (``None`` = automatic; see :mod:`mambacsr_arch.ops`).
+        patch_norm: LayerNorm after the patch embedding. use_checkpoint: gradient checkpointing
+        (every DIS block and fusion block is recomputed in backward).
+
+    The selective-scan backend is chosen by :mod:`mambacsr_arch.ops` (automatic, or the
+    ``MAMBACSR_SCAN_BACKEND`` environment variable); :meth:`set_scan_backend` pins one per model.
     """
 
     def __init__(self, img_size=64, patch_size=1, in_chans: int = 3, upscale: int = 4, embed_dim: int = 180,
@@ -168,7 +173,7 @@ class MambaCSR(nn.Module):
                  upsampler: str = 'pixelshuffle', resi_connection: str = '1conv', dual_interleaved_scan: bool = True,
                  cross_scale_scan: bool = False, scan_size: int = 8, drop_rate: float = 0., drop_path_rate: float = 0.1,
                  norm_layer=nn.LayerNorm, patch_norm: bool = True, use_checkpoint: bool = False,
-                 scan_backend: Optional[str] = None, **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         super().__init__()
         unknown = sorted(set(kwargs) - _IGNORED_OPTIONS)
         if unknown:
@@ -185,6 +190,7 @@ class MambaCSR(nn.Module):
         self.upscale = upscale
         self.upsampler = upsampler
         self.cross_scale_scan = cross_scale_scan
+        self.use_checkpoint = use_checkpoint
         self.embed_dim = embed_dim
         self.num_features = embed_dim
         self.mlp_ratio = mlp_ratio
@@ -203,7 +209,7 @@ class MambaCSR(nn.Module):
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         group_kwargs = dict(d_state=d_state, mlp_ratio=mlp_ratio, use_checkpoint=use_checkpoint,
                             resi_connection=resi_connection, dual_interleaved_scan=dual_interleaved_scan,
-                            cross_scale_scan=cross_scale_scan, scan_backend=scan_backend)
+                            cross_scale_scan=cross_scale_scan)
         self.layers = nn.ModuleList([
             ResidualDISGroup(embed_dim, depth, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], scan_size=scan_size,
                              **group_kwargs) for i, depth in enumerate(depths)
@@ -220,8 +226,8 @@ class MambaCSR(nn.Module):
                 self.layers2.append(ResidualDISGroup(embed_dim, depth, drop_path=rates, scan_size=8, **group_kwargs))
             # official: the fusion keeps d_state 16 and a 4 x embed_dim MLP whatever d_state / mlp_ratio
             self.layers3 = nn.ModuleList([
-                CrossScaleBlock(embed_dim, ('w16', 'w16_flip', 'c_w16', 'c_w16_flip'), d_state=16, mlp_ratio=4.,
-                                scan_backend=scan_backend) for _ in depths2
+                CrossScaleBlock(embed_dim, ('w16', 'w16_flip', 'c_w16', 'c_w16_flip'), d_state=16, mlp_ratio=4.)
+                for _ in depths2
             ])
         self.norm = norm_layer(self.num_features)
         self.conv_after_body = make_resi_conv(embed_dim, resi_connection)
@@ -262,8 +268,11 @@ class MambaCSR(nn.Module):
             if self.cross_scale_scan and i < len(self.layers2):
                 b, _, c = x.shape
                 x_down = self.layers2[i](x_down, down_size)
-                x = self.layers3[i].forward_nhwc(
-                    x.reshape(b, x_size[0], x_size[1], c), x_down.reshape(b, down_size[0], down_size[1], c))
+                args = (x.reshape(b, x_size[0], x_size[1], c), x_down.reshape(b, down_size[0], down_size[1], c))
+                if self.use_checkpoint and torch.is_grad_enabled():
+                    x = torch_checkpoint.checkpoint(self.layers3[i].forward_nhwc, *args, use_reentrant=False)
+                else:
+                    x = self.layers3[i].forward_nhwc(*args)
                 x = x.reshape(b, -1, c)
         x = self.norm(x)
         return self.patch_unembed(x, x_size)
@@ -281,6 +290,13 @@ class MambaCSR(nn.Module):
         x = self.conv_last(self.upsample(x))
         x = x / self.img_range + mean
         return x[..., :h * self.upscale, :w * self.upscale]
+
+    def set_scan_backend(self, backend: Optional[str]) -> 'MambaCSR':
+        """Pin the selective-scan backend of every mixer (``None`` = automatic). Returns self."""
+        for module in self.modules():
+            if isinstance(module, SS2D):
+                module.scan_backend = backend
+        return self
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; a mismatch that would fail raises one clear error instead.
