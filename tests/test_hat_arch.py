@@ -108,7 +108,17 @@ def test_attention_mask_cached_per_size(golden):
     assert len(net._mask_cache) == 2
 
 
-def test_use_checkpoint_gives_same_gradients():
+def test_use_checkpoint_gives_same_gradients(monkeypatch):
+    from mambacsr_arch.archs import hat_blocks
+
+    calls = []
+    real_checkpoint = hat_blocks.torch_checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(kwargs.get('use_reentrant'))
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(hat_blocks.torch_checkpoint, 'checkpoint', counting_checkpoint)
     plain = _tiny(drop_path_rate=0.1).train()
     ckpt = _tiny(drop_path_rate=0.1, use_checkpoint=True).train()
     ckpt.load_state_dict(plain.state_dict())
@@ -118,6 +128,7 @@ def test_use_checkpoint_gives_same_gradients():
         torch.manual_seed(7)  # same drop-path draws
         net(x).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    assert calls == [False] * 3  # 2 HABs + 1 OCAB, checkpointed only in the second net
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name

@@ -91,8 +91,10 @@ def pair_files(restored_dir: str, gt_dir: str, suffix: str = '') -> List[Tuple[s
     orphans: List[str] = []
     for path in _image_files(restored_dir, '--restored'):
         stem = _stem(path)
-        name = stem[:len(stem) - len(suffix)] if suffix and stem.endswith(suffix) else None if suffix else stem
-        if name and name in gts:
+        name = stem
+        if suffix:
+            name = stem[:-len(suffix)] if stem.endswith(suffix) else ''
+        if name in gts:
             restored.setdefault(name, []).append(path)
         else:
             orphans.append(osp.basename(path))
