@@ -50,7 +50,8 @@ def test_golden_output_matches_official(golden, golden_net):
 
 def test_relative_position_indices_match_official(golden):
     cfg = golden['network_g']
-    assert torch.equal(relative_position_index_sa(cfg['window_size']), golden['state_dict']['relative_position_index_SA'])
+    assert torch.equal(relative_position_index_sa(cfg['window_size']),
+                       golden['state_dict']['relative_position_index_SA'])
     assert torch.equal(relative_position_index_oca(cfg['window_size'], cfg['overlap_ratio']),
                        golden['state_dict']['relative_position_index_OCA'])
 

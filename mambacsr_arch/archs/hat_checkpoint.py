@@ -47,8 +47,8 @@ def infer_hat_options(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple
         if side > 0:
             window = (side + 1) // 2
             found['window_size'] = (window, table_key)
-        heads = [int(sd[f'layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table'].shape[1])
-                 for i in sorted(blocks) if f'layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table' in sd]
+        tables = [f'layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table' for i in sorted(blocks)]
+        heads = [int(sd[key].shape[1]) for key in tables if key in sd]
         found['num_heads'] = (heads, 'layers.*.residual_group.blocks.0.attn.relative_position_bias_table')
         found['qkv_bias'] = (prefix + 'attn.qkv.bias' in sd, prefix + 'attn.qkv.bias')
     oca_key = 'layers.0.residual_group.overlap_attn.relative_position_bias_table'
