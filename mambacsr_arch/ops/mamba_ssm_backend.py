@@ -14,9 +14,9 @@ def load() -> Callable[..., Any]:
     """Return ``selective_scan_fn``; raises ImportError (with the install hint) if unavailable."""
     try:
         module = importlib.import_module(MODULE)
-    except Exception as exc:  # a broken CUDA extension raises more than ImportError
+        fn = getattr(module, 'selective_scan_fn', None)
+    except Exception as exc:  # a broken CUDA extension raises OSError/RuntimeError, not just ImportError
         raise ImportError(f'mamba_ssm not importable: {type(exc).__name__}: {exc}; {INSTALL_HINT}') from exc
-    fn = getattr(module, 'selective_scan_fn', None)
     if fn is None:
         raise ImportError(f'{MODULE} has no selective_scan_fn (unsupported mamba_ssm version); {INSTALL_HINT}')
     return fn
