@@ -218,3 +218,17 @@ def test_infer_then_eval_matches_basicsr_test(tmp_path, ckpts):
         # and the pixels are the ones `basicsr test` saved (same tiles, padding, rounding)
         saved = _read(log_dir / 'visualization' / 'pairs' / f'{record.name}_roundtrip.png')
         assert np.abs(saved.astype(int) - restored.astype(int)).max() <= 1, record.name
+
+
+def test_output_conversion_equals_basicsr_tensor2img():
+    from basicsr.utils import tensor2img
+
+    from mambacsr_arch.cli.infer import tensor_to_bgr8
+
+    torch.manual_seed(0)
+    out = torch.rand(1, 3, 7, 9) * 1.4 - 0.2  # out-of-range values are clamped
+    out[0, 0, 0, :5] = torch.tensor([0.5, 1.5, 2.5, 253.5, 254.5]) / 255  # rounding ties
+    expected = tensor2img(out.clone(), rgb2bgr=True, min_max=(0, 1))
+    result = tensor_to_bgr8(out.clone())
+    assert result.dtype == np.uint8 and result.shape == (7, 9, 3) and result.flags['C_CONTIGUOUS']
+    np.testing.assert_array_equal(result, expected)

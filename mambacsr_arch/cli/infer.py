@@ -21,7 +21,7 @@ the network's ``pad_multiple`` attribute, else its ``window_size``, else 1. Chec
 Images are decoded like the datasets do (:func:`mambacsr_arch.data.image_io.read_image_bgr8`:
 grayscale replicated, alpha dropped, 16-bit scaled to 8-bit), restored by
 :func:`mambacsr_arch.models.inference.restore_image` (any size, optional overlapping tiles) and
-written as 8-bit images of exactly ``scale`` x the input size, named ``<stem><suffix>.<ext>``,
+written as 8-bit images (values exactly as BasicSR's ``tensor2img``) of exactly ``scale`` x the input size, named ``<stem><suffix>.<ext>``,
 atomically (hidden temporary file, then rename). Existing outputs are skipped unless
 ``--overwrite``.
 
@@ -280,7 +280,7 @@ def write_image_atomic(img, path: str) -> None:
     tmp = osp.join(osp.dirname(path), f'.{osp.basename(path)}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
-            f.write(encoded.tobytes())
+            f.write(encoded.data)  # no extra copy of a large image
         os.replace(tmp, path)
     except BaseException:
         if osp.exists(tmp):
@@ -288,11 +288,25 @@ def write_image_atomic(img, path: str) -> None:
         raise
 
 
+def tensor_to_bgr8(out: Any) -> Any:
+    """(1, 3, H, W) float RGB in [0, 1] -> uint8 BGR (H, W, 3), consuming ``out`` (changed in place).
+
+    Same values as ``basicsr.utils.tensor2img(out, rgb2bgr=True, min_max=(0, 1))`` (clamp, x255,
+    round half to even), computed in place: tensor2img holds several float copies of the image,
+    which for a 2048x2048 LR input at x4 is gigabytes.
+    """
+    import numpy as np
+    import torch
+
+    rgb = out[0].detach().float().cpu().clamp_(0, 1).mul_(255.0).round_()
+    return np.ascontiguousarray(rgb.to(torch.uint8).permute(1, 2, 0).numpy()[:, :, ::-1])
+
+
 def restore_file(net, path: str, setup: InferSetup, device) -> Any:
     """Read ``path`` (any layout), restore it; returns uint8 BGR (h*scale, w*scale, 3)."""
     import numpy as np
     import torch
-    from basicsr.utils import img2tensor, tensor2img
+    from basicsr.utils import img2tensor
 
     from mambacsr_arch.data.image_io import read_image_bgr8
     from mambacsr_arch.models.inference import restore_image
@@ -300,11 +314,12 @@ def restore_file(net, path: str, setup: InferSetup, device) -> Any:
     img = read_image_bgr8(path)
     lq = img2tensor(img.astype(np.float32) / 255.0, bgr2rgb=True, float32=True).unsqueeze(0).to(device)
     out = restore_image(net, lq, setup.scale, **restore_kwargs(setup, net))
-    result = tensor2img(out.detach().float().cpu(), rgb2bgr=True, min_max=(0, 1))
+    del lq
+    result = tensor_to_bgr8(out)
     expected = (img.shape[0] * setup.scale, img.shape[1] * setup.scale)
     if result.shape[:2] != expected:
         raise ValueError(f'{path}: output is {result.shape[:2]}, expected {expected} (scale {setup.scale}).')
-    del lq, out
+    del out
     if device.type == 'cuda':
         torch.cuda.empty_cache()
     return result
