@@ -114,9 +114,17 @@ def window_scan(x: torch.Tensor, window: Optional[int], column_first: bool = Fal
     return x.flip(-1) if flip else x
 
 
+def _channels_last(perm: Tuple[int, ...]) -> Tuple[int, ...]:
+    """A (B, C, ...) -> (B, C, spatial...) permutation turned into (B, spatial..., C)."""
+    return (0, ) + perm[2:] + (1, )
+
+
 def window_merge(seq: torch.Tensor, window: Optional[int], size: Sequence[int], column_first: bool = False,
-                 flip: bool = False) -> torch.Tensor:
-    """Inverse of :func:`window_scan`: (B, C, L) -> (B, C, H, W) with ``size = (H, W)``, padding dropped."""
+                 flip: bool = False, *, channels_last: bool = False) -> torch.Tensor:
+    """Inverse of :func:`window_scan`: (B, C, L) -> (B, C, H, W) with ``size = (H, W)``, padding dropped.
+
+    ``channels_last=True`` returns (B, H, W, C) instead, in one copy (what token-wise layers want).
+    """
     if seq.dim() != 3:
         raise ValueError(f'window_merge expects a (B, C, L) tensor, got shape {tuple(seq.shape)}')
     h, w = int(size[0]), int(size[1])
@@ -129,13 +137,14 @@ def window_merge(seq: torch.Tensor, window: Optional[int], size: Sequence[int], 
     if flip:
         seq = seq.flip(-1)
     if column_first:
-        x = seq.reshape(b, c, wp // ww, hp // wh, ww, wh).permute(0, 1, 3, 5, 2, 4)
+        x, perm = seq.reshape(b, c, wp // ww, hp // wh, ww, wh), (0, 1, 3, 5, 2, 4)
     else:
-        x = seq.reshape(b, c, hp // wh, wp // ww, wh, ww).permute(0, 1, 2, 4, 3, 5)
-    x = x.reshape(b, c, hp, wp)
-    if hp != h or wp != w:
-        x = x[:, :, :h, :w]
-    return x
+        x, perm = seq.reshape(b, c, hp // wh, wp // ww, wh, ww), (0, 1, 2, 4, 3, 5)
+    if channels_last:
+        x = x.permute(_channels_last(perm)).reshape(b, hp, wp, c)
+        return x[:, :h, :w] if hp != h or wp != w else x
+    x = x.permute(perm).reshape(b, c, hp, wp)
+    return x[:, :, :h, :w] if hp != h or wp != w else x
 
 
 def _cross_grid(size: Sequence[int], window: int) -> Tuple[int, int, int]:
@@ -185,8 +194,11 @@ def cross_scale_scan(x: torch.Tensor, x_down: torch.Tensor, window: int, column_
 
 
 def cross_scale_merge(seq: torch.Tensor, window: int, size: Sequence[int], column_first: bool = False,
-                      flip: bool = False) -> torch.Tensor:
-    """Inverse of :func:`cross_scale_scan` for the high-resolution part: (B, C, L) -> (B, C, H, W)."""
+                      flip: bool = False, *, channels_last: bool = False) -> torch.Tensor:
+    """Inverse of :func:`cross_scale_scan` for the high-resolution part: (B, C, L) -> (B, C, H, W).
+
+    ``channels_last=True`` returns (B, H, W, C) instead.
+    """
     if seq.dim() != 3:
         raise ValueError(f'cross_scale_merge expects a (B, C, L) tensor, got shape {tuple(seq.shape)}')
     h, w = int(size[0]), int(size[1])
@@ -200,10 +212,11 @@ def cross_scale_merge(seq: torch.Tensor, window: int, size: Sequence[int], colum
         high = high.flip((-2, -1))
     hg, wg = hp // window, wp // window
     if column_first:
-        x = high.reshape(b, c, wg, hg, k, k, 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        x, perm = high.reshape(b, c, wg, hg, k, k, 2, 2), (0, 1, 3, 5, 7, 2, 4, 6)
     else:
-        x = high.reshape(b, c, hg, wg, k, k, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-    x = x.reshape(b, c, hp, wp)
-    if hp != h or wp != w:
-        x = x[:, :, :h, :w]
-    return x
+        x, perm = high.reshape(b, c, hg, wg, k, k, 2, 2), (0, 1, 2, 4, 6, 3, 5, 7)
+    if channels_last:
+        x = x.permute(_channels_last(perm)).reshape(b, hp, wp, c)
+        return x[:, :h, :w] if hp != h or wp != w else x
+    x = x.permute(perm).reshape(b, c, hp, wp)
+    return x[:, :, :h, :w] if hp != h or wp != w else x

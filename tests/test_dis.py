@@ -115,6 +115,8 @@ def test_window_round_trip(name):
         assert seq.shape == (2, 3, dis.scan_length((h, w), d.window))
         back = dis.window_merge(seq, d.window, (h, w), d.column_first, d.flip)
         assert torch.equal(back, x), (name, h, w)
+        back_nhwc = dis.window_merge(seq, d.window, (h, w), d.column_first, d.flip, channels_last=True)
+        assert torch.equal(back_nhwc, x.permute(0, 2, 3, 1)), (name, h, w)
         # every real token appears exactly once in the sequence (the rest is zero padding)
         ids = dis.window_scan(grid(h, w) + 1, d.window, d.column_first, d.flip).flatten()
         assert sorted(ids[ids > 0].tolist()) == list(range(1, h * w + 1))
@@ -134,6 +136,8 @@ def test_cross_scale_round_trip(window, column_first, flip):
             assert seq.shape[-1] == dis.cross_scale_length((h, w), window)
             back = dis.cross_scale_merge(seq, window, (h, w), column_first, flip)
             assert torch.equal(back, x), (window, column_first, flip, h, w)
+            back_nhwc = dis.cross_scale_merge(seq, window, (h, w), column_first, flip, channels_last=True)
+            assert torch.equal(back_nhwc, x.permute(0, 2, 3, 1)), (window, column_first, flip, h, w)
 
 
 @pytest.mark.parametrize('column_first', [False, True])

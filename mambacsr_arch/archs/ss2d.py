@@ -148,10 +148,11 @@ class SS2D(nn.Module):
         return [dis.window_scan(x, d.window, d.column_first, d.flip) for d in self.parsed]
 
     def _merge(self, seq: torch.Tensor, k: int, size: Tuple[int, int]) -> torch.Tensor:
+        """(B, D, L_k) sequence of direction k -> (B, H, W, D) map."""
         d = self.parsed[k]
         if self.cross_scale:
-            return dis.cross_scale_merge(seq, d.window, size, d.column_first, d.flip)
-        return dis.window_merge(seq, d.window, size, d.column_first, d.flip)
+            return dis.cross_scale_merge(seq, d.window, size, d.column_first, d.flip, channels_last=True)
+        return dis.window_merge(seq, d.window, size, d.column_first, d.flip, channels_last=True)
 
     def ssm(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scan, selective-scan, merge, gate, sum and normalise. (B, D, H, W) -> (B, H, W, D) float32-normed.
@@ -181,7 +182,7 @@ class SS2D(nn.Module):
         ).reshape(b, k, d, length)
         out = None
         for i, n in enumerate(lengths):
-            y = self._merge(ys[:, i, :, :n], i, (h, w)).flatten(2).transpose(1, 2)  # (B, H*W, D)
+            y = self._merge(ys[:, i, :, :n], i, (h, w)).reshape(b, h * w, d)
             y = self.multi_scan.attn(y)
             out = y if out is None else out + y
         return self.out_norm(out).reshape(b, h, w, d)
@@ -194,11 +195,13 @@ class SS2D(nn.Module):
             xz = act(proj(x))
             x, z = xz.chunk(2, dim=-1)
             return x.permute(0, 3, 1, 2).contiguous(), z
+        z = None
         if need_z:
             x, z = proj(x).chunk(2, dim=-1)
             z = act(z)
-        else:  # the fusion module never uses the low-resolution gate: skip computing it
-            x, z = F.linear(x, proj.weight[:self.d_inner], None if proj.bias is None else proj.bias[:self.d_inner]), None
+        else:  # the fusion module never uses the low-resolution gate: compute only the x half
+            bias = None if proj.bias is None else proj.bias[:self.d_inner]
+            x = F.linear(x, proj.weight[:self.d_inner], bias)
         return act(conv(x.permute(0, 3, 1, 2).contiguous())), z
 
     def mix(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
