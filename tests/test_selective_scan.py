@@ -8,9 +8,23 @@ import torch
 import torch.nn.functional as F
 
 import mambacsr_arch  # noqa: F401  (shims before anything else)
-from mambacsr_arch.ops import available_backends, selective_scan
+from mambacsr_arch.ops import available_backends, selective_scan, torch_scan
 
+# 'torch:parallel' is the torch backend with the strategy used off-CPU (Hillis-Steele within chunks)
 BACKENDS = [name for name in ('cpu', 'torch', 'reference') if available_backends()[name] is None]
+BACKENDS.insert(BACKENDS.index('torch') + 1, 'torch:parallel')
+
+
+@pytest.fixture(autouse=True)
+def torch_strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route 'torch:<strategy>' to the torch backend with that strategy."""
+    backend = getattr(request.node, 'callspec', None) and request.node.callspec.params.get('backend')
+    if backend and backend.startswith('torch:'):
+        monkeypatch.setattr(torch_scan, 'DEFAULT_STRATEGY', backend.split(':')[1])
+
+
+def backend_name(backend: str) -> str:
+    return backend.split(':')[0]
 NAMES = ['u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias']
 
 
@@ -87,7 +101,8 @@ def compare(backend: str, inputs, softplus: bool, last: bool, dtype=None, rtol_f
     ref_inputs = {k: None if v is None else (v.to(dtype) if dtype else v).double() for k, v in inputs.items()}
 
     def ours(u, delta, A, B, C, D, z, delta_bias, sp):
-        return selective_scan(u, delta, A, B, C, D, z, delta_bias, sp, return_last_state=last, backend=backend)
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, sp, return_last_state=last,
+                              backend=backend_name(backend))
 
     def ref(u, delta, A, B, C, D, z, delta_bias, sp):
         out, h = scan64(u, delta, A, B, C, D, z, delta_bias, sp)
@@ -155,9 +170,9 @@ def test_large_steps_stay_finite(backend: str, scale: float) -> None:
 def test_autocast_keeps_float32(backend: str) -> None:
     inputs = make_inputs(1, 4, 8, 20, 1, True, True, True, seed=3)
     args = [inputs[k] for k in NAMES]
-    expected = selective_scan(*args, delta_softplus=True, backend=backend)
+    expected = selective_scan(*args, delta_softplus=True, backend=backend_name(backend))
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        got = selective_scan(*args, delta_softplus=True, backend=backend)
+        got = selective_scan(*args, delta_softplus=True, backend=backend_name(backend))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
@@ -175,7 +190,7 @@ def test_backward_memory_is_bounded(backend: str) -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = selective_scan(*leaves, delta_softplus=True, backend=backend)
+        out = selective_scan(*leaves, delta_softplus=True, backend=backend_name(backend))
     out.sum().backward()
     states = batch * dim * length * n
     assert saved and max(saved) < states / 4, f'largest saved tensor {max(saved)} vs states {states}'

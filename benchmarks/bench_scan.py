@@ -1,0 +1,156 @@
+"""Selective-scan backends against the sequential reference and the torch.exp floor.
+
+The MambaCSR 64x64 training case: dim = 720 (4 scan directions x 180 channels, groups = 4), N = 16,
+L = 4096, with D, delta_bias and softplus (as the SS2D mixer calls it), batch 1 and 4.
+Prints seconds per call (median of --repeat after one warm-up) and ratios:
+
+* vs ref: the sequential reference's forward at the same size in this process. Its backward keeps
+  every state and takes minutes, so its forward+backward is measured at L = --ref-bwd-length and
+  scaled linearly in L (the recurrence is linear in L); the output says so.
+* vs exp floor: one ``torch.exp`` over a (batch, dim, L, N) float32 tensor, the cost any method that
+  materialises exp(delta A) pays at least once.
+
+Peak memory added by one forward+backward at batch 4 is measured in a fresh subprocess as the rise
+of the peak RSS (getrusage) over the RSS after the inputs exist; the (batch, dim, L, N) float32
+states it never stores would be 755 MB. Usage: ``python benchmarks/bench_scan.py [--quick]``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import mambacsr_arch  # noqa: F401  (shims, before anything that imports basicsr)
+from mambacsr_arch.ops import available_backends, selective_scan
+
+DIM, N_STATE, GROUPS, LENGTH = 720, 16, 4, 4096
+NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')
+
+
+def make_inputs(batch: int, length: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Inputs shaped and scaled like MambaCSR's (dt = softplus(delta + bias) ~ 0.001..0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        'u': torch.randn(batch, DIM, length, generator=g),
+        'delta': torch.randn(batch, DIM, length, generator=g) * 0.5,
+        'A': -torch.arange(1, N_STATE + 1, dtype=torch.float32).repeat(DIM, 1),
+        'B': torch.randn(batch, GROUPS, N_STATE, length, generator=g),
+        'C': torch.randn(batch, GROUPS, N_STATE, length, generator=g),
+        'D': torch.ones(DIM),
+        'delta_bias': torch.rand(DIM, generator=g) * 4.6 - 6.9,
+    }
+
+
+def call(inputs: Dict[str, torch.Tensor], backend: str) -> torch.Tensor:
+    return selective_scan(inputs['u'], inputs['delta'], inputs['A'], inputs['B'], inputs['C'], inputs['D'],
+                          delta_bias=inputs['delta_bias'], delta_softplus=True, backend=backend)
+
+
+def forward_backward(inputs: Dict[str, torch.Tensor], backend: str) -> None:
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    out = call(leaves, backend)
+    out.backward(torch.ones_like(out))
+
+
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def memory_child(backend: str, batch: int) -> None:
+    """Run in a fresh process: print the peak-RSS rise of one forward+backward, in bytes."""
+    forward_backward(make_inputs(1, 70), backend)  # compile / warm up on a tiny case
+    inputs = make_inputs(batch, LENGTH)
+    gc.collect()
+    before = max(rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    forward_backward(inputs, backend)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({'added_bytes': peak - before}))
+
+
+def peak_memory(backend: str, batch: int) -> Optional[int]:
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', backend, '--batch', str(batch)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f'  memory child for {backend} failed: {result.stderr.strip()[-500:]}')
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])['added_bytes']
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--quick', action='store_true', help='batch 1 only, one timed run, no memory run')
+    parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--batches', type=int, nargs='+', default=[1, 4])
+    parser.add_argument('--backends', nargs='+', default=None, help='default: every available one')
+    parser.add_argument('--ref-bwd-length', type=int, default=256)
+    parser.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--batch', type=int, default=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.batch)
+        return
+    if args.quick:
+        args.repeat, args.batches = 1, [1]
+    usable = [name for name, why in available_backends().items() if why is None and name != 'reference']
+    usable = [b for b in usable if b != 'mamba_ssm']  # CUDA only; this benchmark runs on CPU tensors
+    backends = args.backends or usable
+    import numba
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} torch threads, numba {numba.__version__} '
+          f'{numba.get_num_threads()} threads, {os.cpu_count()} CPUs; dim {DIM}, N {N_STATE}, groups {GROUPS}, '
+          f'L {LENGTH}, D + delta_bias + softplus')
+    print(f'backends: {backends}; unavailable: '
+          f'{ {k: v for k, v in available_backends().items() if v} }')
+    rows = []
+    for batch in args.batches:
+        inputs = make_inputs(batch, LENGTH)
+        floor = timed(lambda: torch.exp(torch.empty(batch, DIM, LENGTH, N_STATE)), args.repeat)
+        ref_fwd = timed(lambda: call(inputs, 'reference'), 1, warmup=0)
+        short = make_inputs(batch, args.ref_bwd_length)
+        ref_fb = timed(lambda: forward_backward(short, 'reference'), 1, warmup=0) * LENGTH / args.ref_bwd_length
+        print(f'\nbatch {batch}: exp floor {floor:.3f} s; reference forward {ref_fwd:.2f} s; reference '
+              f'forward+backward ~{ref_fb:.1f} s (measured at L={args.ref_bwd_length}, scaled x'
+              f'{LENGTH / args.ref_bwd_length:g})')
+        for backend in backends:
+            fwd = timed(lambda: call(inputs, backend), args.repeat)
+            fb = timed(lambda: forward_backward(inputs, backend), args.repeat)
+            rows.append((batch, backend, fwd, fb, ref_fwd / fwd, ref_fb / fb, fwd / floor))
+    print('\n| batch | backend | forward s | fwd+bwd s | fwd speed-up vs ref | fwd+bwd speed-up vs ref* '
+          '| forward / exp floor |')
+    print('|---|---|---|---|---|---|---|')
+    for batch, backend, fwd, fb, s_fwd, s_fb, r_floor in rows:
+        print(f'| {batch} | {backend} | {fwd:.3f} | {fb:.3f} | {s_fwd:.0f}x | {s_fb:.0f}x | {r_floor:.2f} |')
+    print(f'* reference forward+backward extrapolated linearly from L={args.ref_bwd_length}.')
+    if not args.quick:
+        states = 4 * DIM * LENGTH * N_STATE * 4
+        print(f'\npeak memory added by one forward+backward, batch 4 (states would be {states / 2**20:.0f} MiB):')
+        for backend in backends:
+            added = peak_memory(backend, 4)
+            if added is not None:
+                print(f'  {backend}: {added / 2**20:.0f} MiB')
+
+
+if __name__ == '__main__':
+    main()
