@@ -22,7 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from ..registry import registers
-from .layers import CAB
+from .layers import CAB, make_resi_conv
 from .ss2d import SS2D
 
 __all__ = ['dis_directions', 'DISBlock', 'CrossScaleBlock', 'DISLayer', 'ResidualDISGroup']
@@ -161,16 +161,7 @@ class DISLayer(nn.Module):
         return f'dim={self.dim}, depth={self.depth}, use_checkpoint={self.use_checkpoint}'
 
 
-def make_resi_conv(dim: int, resi_connection: str) -> nn.Module:
-    """The conv closing a residual group: ``'1conv'`` (3x3) or ``'3conv'`` (3x3 -> 1x1 -> 3x3, dim / 4)."""
-    if resi_connection == '1conv':
-        return nn.Conv2d(dim, dim, 3, 1, 1)
-    if resi_connection == '3conv':
-        return nn.Sequential(
-            nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim, 3, 1, 1))
-    raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
+
 
 
 class ResidualDISGroup(nn.Module):

@@ -28,9 +28,9 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from ..registry import registers
-from .hat_blocks import RHAG, make_resi_conv
+from .hat_blocks import RHAG
 from .hat_checkpoint import describe_mismatch
-from .layers import PatchEmbed, PatchUnEmbed, pad_to_multiple
+from .layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
 
 UPSAMPLERS = ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv', '')
 RPI_KEYS = ('relative_position_index_SA', 'relative_position_index_OCA')
@@ -190,17 +190,7 @@ class HAT(nn.Module):
             self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
         else:
             self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_linear_and_norm)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

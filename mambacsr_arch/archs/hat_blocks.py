@@ -17,7 +17,7 @@ from basicsr.archs.swinir_arch import DropPath, Mlp, window_partition, window_re
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
-from .layers import CAB, PatchEmbed, PatchUnEmbed
+from .layers import CAB, PatchEmbed, PatchUnEmbed, make_resi_conv
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
@@ -207,20 +207,7 @@ class AttenBlocks(nn.Module):
         return self._run(self.overlap_attn, x, x_size, rpi_oca)
 
 
-def make_resi_conv(dim: int, resi_connection: str) -> nn.Module:
-    """Convolution closing a residual group: '1conv' (3x3 conv), '3conv' (SwinIR's bottleneck
-    conv3x3 -> conv1x1 -> conv3x3 at dim/4, keys ``0``, ``2``, ``4``) or 'identity'."""
-    if resi_connection == '1conv':
-        return nn.Conv2d(dim, dim, 3, 1, 1)
-    if resi_connection == '3conv':
-        return nn.Sequential(
-            nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim, 3, 1, 1))
-    if resi_connection == 'identity':
-        return nn.Identity()
-    raise ValueError(f"HAT: resi_connection must be '1conv', '3conv' or 'identity', got {resi_connection!r} "
-                     '(network_g.resi_connection in your option file).')
+
 
 
 class RHAG(nn.Module):

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from basicsr.archs.arch_util import trunc_normal_
 from torch import nn
 
 
@@ -101,3 +102,36 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'reflect') -> Tu
     if mode == 'reflect' and (pad_h >= h or pad_w >= w):
         mode = 'replicate'
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)
+
+
+def make_resi_conv(dim: int, resi_connection: str) -> nn.Module:
+    """Convolution closing a residual group (SwinIR/HAT/MambaIR convention).
+
+    ``'1conv'``: one 3x3 conv; ``'3conv'``: 3x3 (dim -> dim/4), 1x1, 3x3 back, LeakyReLU(0.2)
+    between (keys ``0``, ``2``, ``4``); ``'identity'``: no conv. (B, C, H, W) -> same.
+    """
+    if resi_connection == '1conv':
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if resi_connection == '3conv':
+        return nn.Sequential(
+            nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim, 3, 1, 1))
+    if resi_connection == 'identity':
+        return nn.Identity()
+    raise ValueError(f"resi_connection must be '1conv', '3conv' or 'identity', got {resi_connection!r} "
+                     '(network_g.resi_connection in your option file).')
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """Transformer-style init used by SwinIR, HAT and MambaCSR: apply with ``net.apply(...)``.
+
+    Linear weights ~ trunc_normal(std 0.02) with zero bias; LayerNorm weight 1, bias 0.
+    """
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)

@@ -45,14 +45,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
-from basicsr.archs.arch_util import Upsample, trunc_normal_
+from basicsr.archs.arch_util import Upsample
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from ..registry import registers
-from .dis_blocks import CrossScaleBlock, ResidualDISGroup, make_resi_conv
+from .dis_blocks import CrossScaleBlock, ResidualDISGroup
 from .ss2d import SS2D
-from .layers import PatchEmbed, PatchUnEmbed, pad_to_multiple
+from .layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
 
 __all__ = ['MambaCSR', 'infer_mambacsr_config', 'describe_state_dict_mismatch']
 
@@ -235,25 +235,7 @@ class MambaCSR(nn.Module):
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
         self.upsample = Upsample(upscale, num_feat)
         self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {'absolute_pos_embed'}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        return {'relative_position_bias_table'}
+        self.apply(init_linear_and_norm)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) shallow features -> (B, C, H, W) deep features. H, W even with cross-scale."""
