@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_ = parser.add_argument_group('run')
     run_.add_argument('--scale', type=int, help='upscaling factor (default: option file scale, else upscale kwarg)')
     run_.add_argument('--tile', type=int, help='LR tile size in px; 0 = never tile (default: val.tile.size, else '
-                      'whole images up to 512x512 LR px and 256 px tiles above)')
+                      'whole images up to 512x512 LR px and 256 px tiles above). MambaCSR: use a multiple of '
+                      '64 (its 64-px scan windows are zero-padded)')
     run_.add_argument('--tile-overlap', type=int, help='minimum tile overlap in LR px (default: 32)')
     run_.add_argument('--official-protocol', action='store_true',
                       help="renyulin-f/MambaCSR's chop test (padding_size from the option file, else 64)")

@@ -1,0 +1,271 @@
+"""MambaCSR vs HAT: forward latency, images/s, peak memory, parameters and FLOPs (released configs, x4).
+
+Run (not a test; prints one table and the ratios, all measured in this run)::
+
+    python benchmarks/bench_models.py                 # LR 64x64 and 128x128, CPU (+ CUDA if present)
+    python benchmarks/bench_models.py --quick         # LR 32x32, 2 repeats: a smoke run
+    python benchmarks/bench_models.py --sizes 64 --repeats 5 --devices cpu --threads 2
+
+Measured per (device, LR size), models interleaved within each repeat so that background load
+hits all of them alike:
+
+* warm-up: one forward per model at LR 16x16 before anything is measured (numba compilation,
+  allocator and thread-pool start-up are not measured).
+* peak memory: the first forward at each size. CPU: growth of the process's peak RSS (``VmHWM``,
+  reset via ``/proc/self/clear_refs``) over the RSS before it; CUDA: ``max_memory_allocated``
+  growth over it.
+* latency: median wall time of the next ``repeats`` eval-mode forwards of one (1, 3, s, s) image
+  under ``torch.inference_mode()`` (CUDA: synchronised); images/s = 1 / latency.
+* scan share: time inside ``mambacsr_arch.ops.selective_scan`` / forward time, summed over the timed
+  forwards (the function is wrapped by a timer; on CUDA synchronised around each call, which
+  costs a little latency there).
+* FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` for conv/linear/matmul/einsum/attention
+  (2 FLOPs per multiply-add), counted on a ``meta``-device copy (no compute), plus the selective
+  scan counted analytically (its CPU kernel runs outside PyTorch's dispatcher). With u (batch,
+  D, L), A (D, N), per call::
+
+      scan FLOPs = batch * D * L * (8 * N + 6 + 2 * [z given])
+
+  per (b, d, l, n) 8: delta*A (1), exp (1, a transcendental counted as one FLOP), delta*u*B (2),
+  x = dA*x + dBu (2), y += C*x (2); per (b, d, l) 6: delta + bias and softplus (~4), y + D*u (2),
+  plus the silu gate (~2) when z is given (MambaCSR's SS2D gates outside the scan, so no z there).
+  Elementwise ops outside the scan (norms, activations, residuals) are not counted, as usual.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import mambacsr_arch  # noqa: F401  (registers MambaCSR and HAT; import before basicsr)
+from basicsr.archs import build_network
+from mambacsr_arch import ops
+
+MAMBACSR = dict(type='MambaCSR', img_size=64, in_chans=3, upscale=4, embed_dim=180, d_state=16, scan_size=8,
+                depths=[6] * 6, depths2=[6], mlp_ratio=2, img_range=1., upsampler='pixelshuffle',
+                resi_connection='1conv', dual_interleaved_scan=True)
+HAT = dict(type='HAT', img_size=64, in_chans=3, upscale=4, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6,
+           window_size=16, compress_ratio=3, squeeze_factor=30, conv_scale=0.01, overlap_ratio=0.5, mlp_ratio=2,
+           img_range=1., upsampler='pixelshuffle', resi_connection='1conv')
+MODELS: Dict[str, Dict[str, Any]] = {
+    'MambaCSR': dict(MAMBACSR, cross_scale_scan=True),
+    'MambaCSR-DIS': dict(MAMBACSR, cross_scale_scan=False),
+    'HAT': HAT,
+}
+BASELINE = 'HAT'
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+@contextlib.contextmanager
+def replaced_scan(fn: Callable[..., Any]) -> Iterator[None]:
+    """Temporarily route every ``mambacsr_arch.ops.selective_scan`` call (the archs call it by attribute) to ``fn``."""
+    original = ops.selective_scan
+    ops.selective_scan = fn
+    try:
+        yield
+    finally:
+        ops.selective_scan = original
+
+
+def scan_flops(u: torch.Tensor, A: torch.Tensor, z: Optional[torch.Tensor] = None) -> int:
+    """Analytic FLOPs of one selective-scan call (formula in the module doc); u (b, D, L), A (D, N)."""
+    b, d, length = u.shape
+    n = A.shape[-1]
+    return b * d * length * (8 * n + 6 + (2 if z is not None else 0))
+
+
+def count_flops(net: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
+    """(total FLOPs, of which selective scan) of one forward of ``x``; the scan itself is not run.
+
+    Pass a ``meta``-device copy of the net and ``x`` to count without computing.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    scan_total = [0]
+
+    def counting_stub(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, backend=None):
+        scan_total[0] += scan_flops(u, A, z)
+        out = torch.zeros_like(u)  # values do not change the FLOP count of the layers after the scan
+        return (out, u.new_zeros(u.shape[0], u.shape[1], A.shape[-1])) if return_last_state else out
+
+    counter = FlopCounterMode(display=False)
+    with replaced_scan(counting_stub), torch.inference_mode(), counter:
+        net(x)
+    return counter.get_total_flops() + scan_total[0], scan_total[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_forward(net: nn.Module, x: torch.Tensor) -> float:
+    """Seconds of one forward (synchronised on CUDA)."""
+    _sync(x.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        net(x)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
+def _proc_status_kib(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field} not in /proc/self/status (Linux only)')
+
+
+def peak_memory_bytes(net: nn.Module, x: torch.Tensor) -> Optional[int]:
+    """Extra memory at the peak of one forward (see module doc); None where it cannot be measured."""
+    if x.device.type == 'cuda':
+        torch.cuda.synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        time_forward(net, x)
+        return torch.cuda.max_memory_allocated(x.device) - before
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets VmHWM to the current RSS
+        before = _proc_status_kib('VmRSS')
+        time_forward(net, x)
+        return (_proc_status_kib('VmHWM') - before) * 1024
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def timed_scan(device: torch.device) -> Iterator[List[float]]:
+    """Wrap ``selective_scan`` by a timer; yields a one-element list accumulating seconds inside it."""
+    inside = [0.0]
+    original = ops.selective_scan
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        _sync(device)
+        inside[0] += time.perf_counter() - start
+        return out
+
+    with replaced_scan(timed):
+        yield inside
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def build(name: str, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return build_network(MODELS[name]).to(device).eval()
+
+
+def bench_device(names: Sequence[str], sizes: Sequence[int], repeats: int, device: torch.device) -> List[dict]:
+    """One row per (model, size) on ``device``; models interleaved inside every repeat."""
+    nets = {name: build(name, device) for name in names}
+    for net in nets.values():
+        time_forward(net, torch.rand(1, 3, 16, 16, device=device))  # warm-up
+    rows = []
+    for size in sizes:
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size)).to(device)
+        stats: Dict[str, dict] = {}
+        for name, net in nets.items():
+            total, scan = count_flops(copy.deepcopy(net).to('meta'), x.to('meta'))
+            stats[name] = dict(flops=total, scan_flops=scan, peak=peak_memory_bytes(net, x), times=[], inside=0.0)
+        for _ in range(repeats):
+            for name, net in nets.items():
+                with timed_scan(device) as inside:
+                    stats[name]['times'].append(time_forward(net, x))
+                stats[name]['inside'] += inside[0]
+        for name, net in nets.items():
+            s = stats[name]
+            s['scan_share'] = s['inside'] / sum(s['times']) if s['inside'] > 0 else None
+            latency = statistics.median(s['times'])
+            rows.append(dict(model=name, device=device.type, size=size, latency=latency, ips=1.0 / latency,
+                             params=sum(p.numel() for p in net.parameters()), flops=s['flops'],
+                             scan_flops=s['scan_flops'], peak=s['peak'], scan_share=s['scan_share']))
+            print(f'  measured {name:<13} {device.type} {size}x{size}: {latency * 1e3:.0f} ms', file=sys.stderr)
+    return rows
+
+
+def _mib(value: Optional[int]) -> str:
+    return 'n/a' if value is None else f'{value / 2 ** 20:.0f}'
+
+
+def format_rows(rows: List[dict]) -> str:
+    lines = ['| model | device | LR size | params (M) | GFLOPs | scan GFLOPs | latency (ms) | images/s | '
+             'peak mem (MiB) | scan share of time |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        share = '-' if r['scan_share'] is None else f"{100 * r['scan_share']:.0f}%"
+        lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | {r['params'] / 1e6:.2f} | "
+                     f"{r['flops'] / 1e9:.1f} | {r['scan_flops'] / 1e9:.1f} | {r['latency'] * 1e3:.0f} | "
+                     f"{r['ips']:.2f} | {_mib(r['peak'])} | {share} |")
+    return '\n'.join(lines)
+
+
+def format_ratios(rows: List[dict]) -> str:
+    lines = [f'| model / {BASELINE} | device | LR size | latency ratio | FLOPs ratio | peak memory ratio |',
+             '|---|---|---|---|---|---|']
+    for r in rows:
+        if r['model'] == BASELINE:
+            continue
+        base = next((b for b in rows if b['model'] == BASELINE and b['device'] == r['device']
+                     and b['size'] == r['size']), None)
+        if base is None:
+            continue
+        mem = ('n/a' if not (r['peak'] and base['peak']) else f"{r['peak'] / base['peak']:.2f}")
+        lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | {r['latency'] / base['latency']:.2f} | "
+                     f"{r['flops'] / base['flops']:.2f} | {mem} |")
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--sizes', type=int, nargs='+', help='LR sizes in px (default 64 128; --quick: 32)')
+    parser.add_argument('--repeats', type=int, help='timed forwards per model and size (default 3; --quick: 2)')
+    parser.add_argument('--quick', action='store_true', help='LR 32x32, 2 repeats')
+    parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument('--devices', nargs='+', choices=('cpu', 'cuda'),
+                        help='default: cpu, plus cuda when available')
+    parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
+    args = parser.parse_args(argv)
+    sizes = args.sizes or ([32] if args.quick else [64, 128])
+    repeats = args.repeats or (2 if args.quick else 3)
+    devices = args.devices or (['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])
+    if 'cuda' in devices and not torch.cuda.is_available():
+        parser.error('--devices cuda: CUDA is not available here.')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, os.cpu_count() {os.cpu_count()}, '
+          f'load average {os.getloadavg()[0]:.1f}; x4, batch 1, float32, eval mode; '
+          f'median of {repeats} forwards')
+    rows = []
+    for name in devices:
+        device = torch.device(name)
+        backend, why = ops.resolve_backend(device)
+        extra = f', {torch.cuda.get_device_name(device)}' if device.type == 'cuda' else ''
+        print(f'{name}{extra}: selective-scan backend {backend} ({why})')
+        rows += bench_device(args.models, sizes, repeats, device)
+    print()
+    print(format_rows(rows))
+    print()
+    print(format_ratios(rows))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
