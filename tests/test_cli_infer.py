@@ -140,6 +140,18 @@ def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, ckpts, capsys):
     np.testing.assert_array_equal(_read(out / 'a.png'), first)
 
 
+def test_inputs_are_never_overwritten(tmp_path, ckpts, capsys):
+    src = tmp_path / 'lq'
+    src.mkdir()
+    cv2.imwrite(str(src / 'a.png'), photo_bgr('chelsea', (8, 8)))
+    before = (src / 'a.png').read_bytes()
+    assert _infer(['-i', src, '-o', src, '--overwrite'] + _arch_args('MSRResNet', ckpts)) == 1
+    assert 'would replace this input' in capsys.readouterr().err
+    assert (src / 'a.png').read_bytes() == before
+    assert _infer(['-i', src, '-o', src, '--suffix', '_x4'] + _arch_args('MSRResNet', ckpts)) == 0
+    assert _read(src / 'a_x4.png').shape == (32, 32, 3)
+
+
 def test_configuration_errors_exit_2_with_a_fix(tmp_path, ckpts, capsys):
     img = tmp_path / 'x.png'
     cv2.imwrite(str(img), photo_bgr('rocket', (8, 8)))

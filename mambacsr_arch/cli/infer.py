@@ -240,7 +240,7 @@ def build_model(setup: InferSetup, device) -> Any:
         raise InferConfigError(f"unknown arch '{arch}' (network_g.type / --arch); registered: {', '.join(known)}.")
     try:
         net = build_network(setup.network_opt)
-    except TypeError as err:  # wrong constructor kwargs
+    except (TypeError, ValueError) as err:  # wrong or inconsistent constructor kwargs
         raise InferConfigError(f"cannot build {arch} with {dict(setup.network_opt)}: {err}. Fix network_g / "
                                '--arch-opt / --network-opt.') from err
     try:
@@ -353,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(args.output, exist_ok=True)
     except InferConfigError as err:
         return _error(str(err))
+    except OSError as err:
+        return _error(f"cannot create the output folder '{args.output}' (-o): {err}")
 
     written, skipped, failed = 0, 0, []  # failed: one message per image, naming the file
     claimed: Dict[str, str] = {}  # output path -> the input that writes it
@@ -363,6 +365,8 @@ def run(args: argparse.Namespace) -> int:
         message = None
         if out_path in claimed:
             message = f'{path}: same output name as {claimed[out_path]} ({out_path}); rename one of them'
+        elif osp.realpath(out_path) == osp.realpath(path):
+            message = f'{path}: the output would replace this input; use --suffix, --ext or another -o folder'
         elif osp.exists(out_path) and not args.overwrite:
             claimed[out_path] = path
             skipped += 1
