@@ -18,7 +18,8 @@ Option keys read here (BasicSR YAML)::
       use_amp: bf16 | fp16 | ~        # autocast for the training forward; fp16 needs CUDA (GradScaler).
                                       # The selective scan stays float32 (the ops layer disables autocast).
     val:
-      tile: {size: 192, overlap: 32}  # LR px; omit for whole-image inference
+      tile: {size: 192, overlap: 32}  # LR px; omit for whole-image inference (official HAT files'
+                                      # top-level tile: {tile_size, tile_pad} is honoured too)
       max_pixels: 262144              # auto-tile images with more LR px than this (0: never)
       pad_multiple: 16                # override the arch's required input multiple
       official_protocol: false        # renyulin-f/MambaCSR's chop test (top-level padding_size: 64)
@@ -167,6 +168,12 @@ class CSRModel(SRModel):
         tile = val.get('tile') or {}
         if tile and not isinstance(tile, dict):
             raise ValueError(f'val.tile must be a mapping {{size: 192, overlap: 32}}, got {tile!r}.')
+        official_tile = self.opt.get('tile') or {}
+        if not tile and official_tile.get('tile_size'):
+            # official HAT option files: top-level tile {tile_size, tile_pad}; each tile is cut with tile_pad
+            # context on every side there, which our blended tiles express as size + 2 pad, overlap 2 pad.
+            pad = int(official_tile.get('tile_pad', 0))
+            tile = {'size': int(official_tile['tile_size']) + 2 * pad, 'overlap': 2 * pad}
         return dict(tile_size=tile.get('size'), tile_overlap=int(tile.get('overlap', 32)),
                     pad_multiple=self.default_pad_multiple(net),
                     official_protocol=bool(val.get('official_protocol', False)),
