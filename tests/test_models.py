@@ -279,6 +279,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, root: str) -> None:
         if rank == 0:  # rank-0-only inference, as dist_validation does: must not wait for rank 1
             model.feed_data({'lq': torch.rand(1, 3, 9, 9)})
             model.test()
+        random.seed(rank)  # each rank its own stream, as BasicSR seeds seed + rank
+        model.save(0, 1)  # collective RNG gather on every rank, files written by rank 0
         dist.barrier()
         weights = torch.cat([p.detach().flatten() for p in model.get_bare_model(model.net_g).parameters()])
         torch.save({'wrapper': type(model.net_g).__name__, 'weights': weights}, osp.join(root, f'rank{rank}.pt'))
@@ -294,3 +296,10 @@ def test_ddp_on_cpu_gloo_keeps_ranks_in_sync(tmp_path):
     results = [torch.load(tmp_path / f'rank{rank}.pt', weights_only=True) for rank in range(2)]
     assert [r['wrapper'] for r in results] == ['DistributedDataParallel'] * 2
     torch.testing.assert_close(results[0]['weights'], results[1]['weights'], rtol=0, atol=0)
+    state = torch.load(tmp_path / 'training_states' / '1.state', weights_only=True)
+    assert len(state['rng']) == 2
+    for rank in range(2):
+        restore_rng_state(state['rng'][rank])
+        value = random.random()
+        random.seed(rank)
+        assert value == random.random()

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -243,6 +243,16 @@ class CSRModel(SRModel):
             save_dict[key] = state
         atomic_torch_save(save_dict, f"{self.opt['path']['models']}/{net_label}_{label}.pth")
 
+    def save(self, epoch: int, current_iter: int) -> None:
+        # Every rank enters save(); only rank 0 writes. Gather each rank's RNG state first so a
+        # distributed resume gives every rank its own stream back (SRModel.save does the rest).
+        self._rng_states = [capture_rng_state()]
+        if self.opt.get('dist', False) and current_iter != -1:
+            gathered: List[Any] = [None] * int(self.opt['world_size'])
+            torch.distributed.all_gather_object(gathered, self._rng_states[0])
+            self._rng_states = gathered
+        super().save(epoch, current_iter)
+
     @master_only
     def save_training_state(self, epoch: int, current_iter: int) -> None:
         # Atomic, and with RNG + GradScaler states so a resumed run continues the same stream.
@@ -250,7 +260,8 @@ class CSRModel(SRModel):
             return
         state: Dict[str, Any] = {
             'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
-            'schedulers': [s.state_dict() for s in self.schedulers], 'rng': capture_rng_state(),
+            'schedulers': [s.state_dict() for s in self.schedulers],
+            'rng': getattr(self, '_rng_states', None) or [capture_rng_state()],  # one entry per rank
         }
         if self.grad_scaler is not None:
             state['grad_scaler'] = self.grad_scaler.state_dict()
@@ -259,8 +270,13 @@ class CSRModel(SRModel):
     def resume_training(self, resume_state: Dict[str, Any]) -> None:
         # BasicSR restores optimisers/schedulers only; we add RNG, GradScaler and the epoch fix.
         super().resume_training(resume_state)
-        if 'rng' in resume_state:
-            restore_rng_state(resume_state['rng'])
+        rng = resume_state.get('rng')
+        if rng:
+            rank, world = int(self.opt.get('rank', 0)), int(self.opt.get('world_size', 1))
+            if len(rng) != world:
+                get_root_logger().warning(f'Training state holds RNG states of {len(rng)} rank(s), this run has '
+                                          f'{world}: data augmentation will not continue the same streams.')
+            restore_rng_state(rng[rank % len(rng)])
         if self.grad_scaler is not None and 'grad_scaler' in resume_state:
             self.grad_scaler.load_state_dict(resume_state['grad_scaler'])
         per_epoch = self.iters_per_epoch()
