@@ -18,8 +18,11 @@ $(STAMP): setup.py $(CONSTRAINTS) Makefile
 	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
+# demo: photos bundled with scikit-image -> datasets/skimage_demo/ (idempotent), then a few CPU minutes of
+# training. OMP_WAIT_POLICY=PASSIVE stops idle OpenMP threads (torch, numba) from spinning on busy CPUs.
 demo: $(STAMP)
-	$(VENV)/bin/basicsr train -opt options/demo_mambacsr_x4.yml
+	$(PY) -m mambacsr_arch.data.demo_photos
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/basicsr train -opt options/demo_mambacsr_x4.yml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
