@@ -146,8 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sizes = sorted(args.sizes or ([128, 256, 512] if args.quick else [256, 512, 1024, 2048]))
     tile = args.tile or (128 if args.quick else 256)
     untiled = args.untiled_up_to if args.untiled_up_to is not None else (256 if args.quick else 512)
-    print(f'basicsr infer, tiny MambaCSR x{SCALE} (embed_dim 24, depths [4]: w8 and w64 scans, d_state 8), CPU, tile {tile} '
-          f'overlap {args.tile_overlap} LR px, one image per process, peak RSS from wait4')
+    print(f'basicsr infer, tiny MambaCSR x{SCALE} (embed_dim 24, depths [4]: w8 and w64 scans, d_state 8), CPU, '
+          f'tile {tile} overlap {args.tile_overlap} LR px, one image per process, peak RSS from wait4')
     rows = measure(sizes, tile, args.tile_overlap, untiled, args.threads)
     print()
     print(format_rows(rows))

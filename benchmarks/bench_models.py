@@ -227,8 +227,8 @@ def format_ratios(rows: List[dict]) -> str:
         if base is None:
             continue
         mem = ('n/a' if not (r['peak'] and base['peak']) else f"{r['peak'] / base['peak']:.2f}")
-        lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | {r['latency'] / base['latency']:.2f} | "
-                     f"{r['flops'] / base['flops']:.2f} | {mem} |")
+        lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | "
+                     f"{r['latency'] / base['latency']:.2f} | {r['flops'] / base['flops']:.2f} | {mem} |")
     return '\n'.join(lines)
 
 

@@ -21,9 +21,9 @@ the network's ``pad_multiple`` attribute, else its ``window_size``, else 1. Chec
 Images are decoded like the datasets do (:func:`mambacsr_arch.data.image_io.read_image_bgr8`:
 grayscale replicated, alpha dropped, 16-bit scaled to 8-bit), restored by
 :func:`mambacsr_arch.models.inference.restore_image` (any size, optional overlapping tiles) and
-written as 8-bit images (values exactly as BasicSR's ``tensor2img``) of exactly ``scale`` x the input size, named ``<stem><suffix>.<ext>``,
-atomically (hidden temporary file, then rename). Existing outputs are skipped unless
-``--overwrite``.
+written as 8-bit images (values exactly as BasicSR's ``tensor2img``) of exactly ``scale`` x the
+input size, named ``<stem><suffix>.<ext>``, atomically (hidden temporary file, then rename).
+Existing outputs are skipped unless ``--overwrite``; an output never replaces its input.
 
 Exit codes: 0 every image written or skipped; 1 at least one image failed (each failure is
 reported, the others are still processed); 2 configuration error (nothing processed).
@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument('--arch', help='registered arch name, e.g. MambaCSR or HAT (overrides network_g.type)')
     net.add_argument('--weights', help='checkpoint .pth (overrides path.pretrain_network_g)')
     net.add_argument('--param-key', help="checkpoint entry: params, params_ema (falls back to params) or none "
-                     "for a bare state dict (default: path.param_key_g, else params_ema)")
+                     "for a bare state dict (default: path.param_key_g, else params with --opt as BasicSR, "
+                     "params_ema without)")
     net.add_argument('--network-opt', help='JSON object of constructor kwargs, e.g. \'{"embed_dim": 60}\'')
     net.add_argument('--arch-opt', nargs='+', default=[], metavar='KEY=VALUE',
                      help='constructor kwargs; values parsed as YAML: embed_dim=60 "depths=[6,6]"')
@@ -164,7 +165,10 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
     weights = args.weights or path_opt.get('pretrain_network_g')
     if not weights:
         raise InferConfigError(f'no weights: pass --weights X.pth or set path.pretrain_network_g in {source}.')
-    param_key = args.param_key if args.param_key is not None else path_opt.get('param_key_g', 'params_ema')
+    # with an option file, BasicSR's default ('params', as `basicsr test` loads); bare --weights: the EMA
+    # weights of released checkpoints, falling back to 'params'
+    default_key = 'params' if args.opt else 'params_ema'
+    param_key = args.param_key if args.param_key is not None else path_opt.get('param_key_g', default_key)
     strict = not args.no_strict and bool(path_opt.get('strict_load_g', True))
 
     scale = args.scale or opt.get('scale') or network_opt.get('upscale') or network_opt.get('scale')
@@ -175,7 +179,7 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
     val = opt.get('val') or {}
     opt_tile, opt_overlap = _tile_from_options(opt)
     tile_size = args.tile if args.tile is not None else opt_tile
-    tile_overlap = args.tile_overlap if args.tile_overlap is not None else (opt_overlap or 32)
+    tile_overlap = args.tile_overlap if args.tile_overlap is not None else (32 if opt_overlap is None else opt_overlap)
     if tile_size is not None and tile_size < 0 or tile_overlap < 0:
         raise InferConfigError(f'--tile ({tile_size}) and --tile-overlap ({tile_overlap}) must be >= 0.')
     if tile_size and tile_size <= tile_overlap:
