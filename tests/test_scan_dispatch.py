@@ -144,7 +144,7 @@ def test_missing_numba_falls_back_to_torch(no_numba) -> None:
 
 
 def test_choice_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger='mambacsr_arch'):
+    with caplog.at_level(logging.INFO, logger='basicsr'):
         selective_scan(*small_inputs(), backend='torch')
         selective_scan(*small_inputs(), backend='torch')
     records = [r for r in caplog.records if 'selective_scan backend' in r.getMessage()]

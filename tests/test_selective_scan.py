@@ -206,3 +206,13 @@ def test_rejects_bad_shapes() -> None:
         selective_scan(u, delta, A[:3], B, C)
     with pytest.raises(ValueError, match='D must be'):
         selective_scan(u, delta, A, B, C, D=torch.ones(5))
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_nan_propagates(backend: str) -> None:
+    """A NaN input poisons its channel from that step on (so training divergence is visible)."""
+    inputs = make_inputs(1, 4, 16, 20, 1, True, False, True, seed=2)
+    inputs['u'][0, 1, 5] = float('nan')
+    out = selective_scan(*(inputs[k] for k in NAMES), delta_softplus=True, backend=backend_name(backend))
+    assert out[0, 1, 5:].isnan().all()
+    assert out[0, 1, :5].isfinite().all() and out[0, [0, 2, 3]].isfinite().all()

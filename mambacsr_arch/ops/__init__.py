@@ -24,7 +24,7 @@ Backends
 
 Selection: ``backend=`` argument > ``MAMBACSR_SCAN_BACKEND`` environment variable > automatic
 (``mamba_ssm`` for CUDA if importable else ``torch``; ``cpu`` for CPU tensors if numba imports else
-``torch``). The choice is logged once per process on logger ``mambacsr_arch``.
+``torch``). The choice is logged once per process on the ``basicsr`` logger.
 """
 from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
 

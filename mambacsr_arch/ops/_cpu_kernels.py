@@ -32,7 +32,7 @@ _ONE, _HALF, _ZERO = _F(1.0), _F(0.5), _F(0.0)
 # ``_exp`` is compiled without 'reassoc' (it would fold the two-constant Cody-Waite reduction into
 # one) and inlined by LLVM, which keeps its per-instruction flags; the kernels add 'reassoc' so
 # LLVM can vectorise their sums over the N states.
-_FM = {'nnan', 'ninf', 'nsz', 'arcp', 'contract', 'afn'}
+_FM = {'nsz', 'arcp', 'contract', 'afn'}  # no 'nnan'/'ninf': NaN inputs must propagate
 _FM_KERNEL = _FM | {'reassoc'}
 
 
@@ -245,8 +245,3 @@ def scan_backward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, g
             dD_rows[i] = dD_acc
             dbias_rows[i] = dbias_acc
 
-
-def num_threads() -> int:
-    """Threads numba's parallel loops use in this process."""
-    import numba
-    return numba.get_num_threads()

@@ -32,6 +32,16 @@ def _kernels() -> ModuleType:
     return _KERNELS
 
 
+def _use_torch_threads() -> int:
+    """Run numba's parallel loops on as many threads as torch uses (torch.set_num_threads,
+    OMP_NUM_THREADS under torchrun), capped by numba's pool; returns that number."""
+    import numba  # already imported by the kernels
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    return threads
+
+
 def unavailable_reason() -> Optional[str]:
     """None if the numba kernel can be used, else why not."""
     try:
@@ -66,6 +76,7 @@ class _CpuScan(torch.autograd.Function):
                 C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                 delta_bias: Optional[torch.Tensor], softplus: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         kernels = _kernels()
+        _use_torch_threads()
         batch, dim, length = u.shape
         groups, n_state = B.shape[1], A.shape[1]
         padded = -(-n_state // kernels.W) * kernels.W
@@ -95,7 +106,7 @@ class _CpuScan(torch.autograd.Function):
         batch, dim, length, groups, n_state, softplus, has_z = ctx.meta
         rows, padded = u2.shape[0], Ap.shape[1]
         per_group = dim // groups
-        wanted = TASKS_PER_THREAD * kernels.num_threads()
+        wanted = TASKS_PER_THREAD * _use_torch_threads()
         blocks = max(1, min(per_group, math.ceil(wanted / (batch * groups))))
         dout2 = _rows(dout, rows, length)
         dlast2 = _pad_states(dlast.reshape(rows, n_state), padded)

@@ -8,11 +8,12 @@ Selection rule (first that applies):
    (the numba kernel) if numba imports, else ``torch``; other devices use ``torch``.
 
 An explicit request (1 or 2) that cannot be honoured raises an error naming the missing package and
-the install command. The choice is logged once per (device type, backend) per process on logger
-``mambacsr_arch``.
+the install command. The choice is logged once per (device type, backend) per process on the
+``basicsr`` logger (so it lands in BasicSR's train/test log).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Dict, Optional, Set, Tuple, Union
@@ -24,7 +25,7 @@ from . import mamba_ssm_backend, reference, torch_scan
 
 ENV_VAR = 'MAMBACSR_SCAN_BACKEND'
 BACKENDS = ('mamba_ssm', 'cpu', 'torch', 'reference')
-logger = logging.getLogger('mambacsr_arch')
+logger = logging.getLogger('basicsr')
 _LOGGED: Set[Tuple[str, str]] = set()
 _AVAILABILITY: Dict[str, Optional[str]] = {}  # backend -> None or reason; probed once per process
 
@@ -102,6 +103,14 @@ def _log_choice(device_type: str, name: str, reason: str) -> None:
         logger.info('selective_scan backend for %s tensors: %s (%s)', device_type, name, reason)
 
 
+def _autocast_off(device_type: str):
+    """Context disabling autocast for ``device_type`` (a no-op where torch has no autocast for it)."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # device type without autocast support: nothing to disable
+        return contextlib.nullcontext()
+
+
 def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                   C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                   delta_bias: Optional[torch.Tensor]) -> None:
@@ -166,7 +175,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name, reason = resolve_backend(u.device, backend)
     _log_choice(u.device.type, name, reason)
-    with torch.autocast(device_type=u.device.type, enabled=False):
+    with _autocast_off(u.device.type):
         if name == 'mamba_ssm':
             result = mamba_ssm_backend.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                             return_last_state)
