@@ -71,12 +71,27 @@ def write_yaml(path: str, opt: dict) -> str:
     return path
 
 
-def run(args, cwd, check=True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+def start(args, cwd) -> subprocess.Popen:
+    # NUMBA_NUM_THREADS=1: numba's OpenMP pool shares libgomp with torch and raises torch's thread count when
+    # it starts, so the scan's per-thread partial sums (and their rounding) would depend on the run's history.
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1',
+               NUMBA_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, check=True) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     if check and proc.returncode != 0:
-        raise AssertionError(f'{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
+        raise AssertionError(f'{proc.args} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}')
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(args, cwd, check=True) -> subprocess.CompletedProcess:
+    return finish(start(args, cwd), check)
 
 
 def psnr_lines(text: str) -> list:
@@ -96,12 +111,27 @@ def gt_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory, gt_dir) -> str:
-    """Uninterrupted run: 8 iterations, 2 per epoch, checkpoints every 2, validation at 4 and 8."""
-    cwd = str(tmp_path_factory.mktemp('ref'))
-    opt_path = write_yaml(osp.join(cwd, 'train.yml'), train_options('tiny', gt_dir, 8, 2, 4))
-    run([BASICSR, 'train', '-opt', opt_path], cwd)
-    return cwd
+def runs(tmp_path_factory, gt_dir) -> dict:
+    """Two runs side by side: uninterrupted (8 iterations, 2 per epoch, checkpoints every 2, validation
+    at 4 and 8), and one SIGKILLed half-way through writing its 6.state."""
+    ref, killed = str(tmp_path_factory.mktemp('ref')), str(tmp_path_factory.mktemp('killed'))
+    procs = []
+    for cwd in (ref, killed):
+        opt_path = write_yaml(osp.join(cwd, 'train.yml'), train_options('tiny', gt_dir, 8, 2, 4))
+        if cwd == ref:
+            procs.append(start([BASICSR, 'train', '-opt', opt_path], cwd))
+        else:
+            killer = osp.join(cwd, 'killer.py')
+            with open(killer, 'w', encoding='utf-8') as f:
+                f.write(KILLER.replace('{victim}', '6.state'))
+            procs.append(start([sys.executable, killer, '-opt', opt_path], cwd))
+    finish(procs[0])
+    return {'ref': ref, 'killed': killed, 'killed_result': finish(procs[1], check=False)}
+
+
+@pytest.fixture(scope='module')
+def reference_run(runs) -> str:
+    return runs['ref']
 
 
 def test_train_writes_checkpoints_and_test_reproduces_psnr(reference_run, gt_dir):
@@ -153,13 +183,9 @@ KILLER = textwrap.dedent('''
 ''')
 
 
-def test_kill9_then_auto_resume_matches_uninterrupted(reference_run, gt_dir, tmp_path):
-    cwd = str(tmp_path)
-    opt_path = write_yaml(osp.join(cwd, 'train.yml'), train_options('tiny', gt_dir, 8, 2, 4))
-    killer = osp.join(cwd, 'killer.py')
-    with open(killer, 'w', encoding='utf-8') as f:
-        f.write(KILLER.replace('{victim}', '6.state'))
-    killed = run([sys.executable, killer, '-opt', opt_path], cwd, check=False)
+def test_kill9_then_auto_resume_matches_uninterrupted(runs):
+    cwd, reference_run, killed = runs['killed'], runs['ref'], runs['killed_result']
+    opt_path = osp.join(cwd, 'train.yml')
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     states = osp.join(cwd, 'experiments', 'tiny', 'training_states')
     assert sorted(f for f in os.listdir(states) if f.endswith('.state')) == ['2.state', '4.state']

@@ -270,6 +270,7 @@ class CSRModel(SRModel):
     def resume_training(self, resume_state: Dict[str, Any]) -> None:
         # BasicSR restores optimisers/schedulers only; we add RNG, GradScaler and the epoch fix.
         super().resume_training(resume_state)
+        per_epoch = self.iters_per_epoch()  # builds the train dataset: before the RNG restore, in case it draws
         rng = resume_state.get('rng')
         if rng:
             rank, world = int(self.opt.get('rank', 0)), int(self.opt.get('world_size', 1))
@@ -279,7 +280,6 @@ class CSRModel(SRModel):
             restore_rng_state(rng[rank % len(rng)])
         if self.grad_scaler is not None and 'grad_scaler' in resume_state:
             self.grad_scaler.load_state_dict(resume_state['grad_scaler'])
-        per_epoch = self.iters_per_epoch()
         it = int(resume_state['iter'])
         logger = get_root_logger()
         if per_epoch and it % per_epoch == 0 and resume_state['epoch'] < it // per_epoch:
