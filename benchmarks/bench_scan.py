@@ -11,7 +11,7 @@ Prints seconds per call (median of --repeat after one warm-up) and ratios:
   materialises exp(delta A) pays at least once.
 
 Peak memory added by one forward+backward at batch 4 is measured in a fresh subprocess as the rise
-of the peak RSS (getrusage) over the RSS after the inputs exist; the (batch, dim, L, N) float32
+of the RSS (sampled every millisecond) over the RSS once the inputs exist; the (batch, dim, L, N) float32
 states it never stores would be 755 MB. Usage: ``python benchmarks/bench_scan.py [--quick]``.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -61,11 +61,17 @@ def forward_backward(inputs: Dict[str, torch.Tensor], backend: str) -> None:
     out.backward(torch.ones_like(out))
 
 
-def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 1, slow_s: float = 10.0) -> float:
+    """Median wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs (one run if the
+    warm-up alone took over ``slow_s`` seconds: slow backends are timed once)."""
     times: List[float] = []
+    for _ in range(warmup):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    if times and min(times) > slow_s:
+        repeat = 1
+    times = []
     for _ in range(repeat):
         gc.collect()
         start = time.perf_counter()
@@ -80,14 +86,26 @@ def rss_bytes() -> int:
 
 
 def memory_child(backend: str, batch: int) -> None:
-    """Run in a fresh process: print the peak-RSS rise of one forward+backward, in bytes."""
+    """Run in a fresh process: print the peak RSS rise of one forward+backward, in bytes, sampled
+    every millisecond by a thread (getrusage's lifetime peak also counts earlier temporaries)."""
     forward_backward(make_inputs(1, 70), backend)  # compile / warm up on a tiny case
     inputs = make_inputs(batch, LENGTH)
     gc.collect()
-    before = max(rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    before = rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     forward_backward(inputs, backend)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({'added_bytes': peak - before}))
+    done.set()
+    sampler.join()
+    print(json.dumps({'added_bytes': max(peak[0], rss_bytes()) - before}))
 
 
 def peak_memory(backend: str, batch: int) -> Optional[int]:
@@ -124,6 +142,8 @@ def main() -> None:
     print(f'backends: {backends}; unavailable: '
           f'{ {k: v for k, v in available_backends().items() if v} }')
     rows = []
+    header = ('| batch | backend | forward s | fwd+bwd s | fwd speed-up vs ref | fwd+bwd speed-up vs ref* '
+              '| forward / exp floor |\n|---|---|---|---|---|---|---|')
     for batch in args.batches:
         inputs = make_inputs(batch, LENGTH)
         floor = timed(lambda: torch.exp(torch.empty(batch, DIM, LENGTH, N_STATE)), args.repeat)
@@ -132,16 +152,15 @@ def main() -> None:
         ref_fb = timed(lambda: forward_backward(short, 'reference'), 1, warmup=0) * LENGTH / args.ref_bwd_length
         print(f'\nbatch {batch}: exp floor {floor:.3f} s; reference forward {ref_fwd:.2f} s; reference '
               f'forward+backward ~{ref_fb:.1f} s (measured at L={args.ref_bwd_length}, scaled x'
-              f'{LENGTH / args.ref_bwd_length:g})')
+              f'{LENGTH / args.ref_bwd_length:g})', flush=True)
         for backend in backends:
             fwd = timed(lambda: call(inputs, backend), args.repeat)
             fb = timed(lambda: forward_backward(inputs, backend), args.repeat)
-            rows.append((batch, backend, fwd, fb, ref_fwd / fwd, ref_fb / fb, fwd / floor))
-    print('\n| batch | backend | forward s | fwd+bwd s | fwd speed-up vs ref | fwd+bwd speed-up vs ref* '
-          '| forward / exp floor |')
-    print('|---|---|---|---|---|---|---|')
-    for batch, backend, fwd, fb, s_fwd, s_fb, r_floor in rows:
-        print(f'| {batch} | {backend} | {fwd:.3f} | {fb:.3f} | {s_fwd:.0f}x | {s_fb:.0f}x | {r_floor:.2f} |')
+            rows.append(f'| {batch} | {backend} | {fwd:.3f} | {fb:.3f} | {ref_fwd / fwd:.0f}x | {ref_fb / fb:.0f}x '
+                        f'| {fwd / floor:.2f} |')
+            print(rows[-1], flush=True)
+    print('\n' + header)
+    print('\n'.join(rows))
     print(f'* reference forward+backward extrapolated linearly from L={args.ref_bwd_length}.')
     if not args.quick:
         states = 4 * DIM * LENGTH * N_STATE * 4

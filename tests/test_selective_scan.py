@@ -216,3 +216,23 @@ def test_nan_propagates(backend: str) -> None:
     out = selective_scan(*(inputs[k] for k in NAMES), delta_softplus=True, backend=backend_name(backend))
     assert out[0, 1, 5:].isnan().all()
     assert out[0, 1, :5].isfinite().all() and out[0, [0, 2, 3]].isfinite().all()
+
+
+@pytest.mark.skipif('cpu' not in BACKENDS, reason='numba missing')
+def test_cpu_results_do_not_depend_on_thread_count() -> None:
+    """The cpu kernel splits rows (forward) and channel blocks (backward) over torch's thread count."""
+    inputs = make_inputs(2, 16, 16, 100, 2, True, True, True, seed=9)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            leaves = [inputs[k].clone().requires_grad_() for k in NAMES]
+            out = selective_scan(*leaves, delta_softplus=True, backend='cpu')
+            out.backward(torch.ones_like(out))
+            results.append([out.detach()] + [v.grad for v in leaves])
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0][0], results[1][0])  # rows are independent: bitwise equal
+    for name, one, three in zip(['out'] + NAMES, results[0], results[1]):
+        torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5, msg=name)

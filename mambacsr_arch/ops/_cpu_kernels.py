@@ -9,15 +9,18 @@ every inner loop runs over a compile-time width of 16, which LLVM turns into SIM
 branch-free, vectorisable float32 Cody-Waite + degree-6 polynomial (max error 1.4 ulp), because
 LLVM has no vector ``exp`` without Intel SVML.
 
-Forward writes the state at the start of every chunk of ``T`` steps; backward recomputes the
-states and decays of one chunk at a time from those checkpoints (two (T + 1, NP) buffers per
-thread), so memory stays O(rows * L) and no (rows, L, N) tensor ever exists.
+Kernels are serial over a range of rows (or backward tasks) and release the GIL; the caller runs
+ranges on a thread pool (lighter to compile than numba's parallel=True, follows torch's thread
+count, and no second OpenMP runtime). Forward writes the state at the start of every chunk of
+``T`` steps; backward recomputes the states and decays of one chunk at a time from those
+checkpoints (two (T + 1, NP) buffers per task), so memory stays O(rows * L) and no (rows, L, N)
+tensor ever exists.
 """
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 
 W = 16  # SIMD width of the inner loops (states per block); 8 defeats LLVM's vectoriser
@@ -95,10 +98,10 @@ def _chunk_dt(delta, i, t0, t1, bias, softplus, dt_buf):
             dt_buf[t - t0] = delta[i, t] + bias
 
 
-@njit(parallel=True, fastmath=_FM_KERNEL, cache=True)
-def scan_forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk,
+@njit(nogil=True, fastmath=_FM_KERNEL, cache=True)
+def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk,
                  out, last, ckpt):
-    """Fused forward. u, delta, out: (rows, L); z: (rows, L) if ``has_z`` (else any 2-D array);
+    """Fused forward of rows lo..hi-1 (releases the GIL). u, delta, out: (rows, L); z: (rows, L) if ``has_z`` (else any 2-D array);
     A: (dim, NP); Bt, Ct: (batch*groups, L, NP); D, delta_bias: (dim,) (zeros when absent).
     Writes out = (<C, h> + D u) * silu(z), last (rows, NP) and ckpt (rows, n_chunks, NP), the state
     before each chunk of ``chunk`` steps."""
@@ -107,7 +110,7 @@ def scan_forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, gr
     nblk = n_state // W
     per_group = dim // groups
     n_chunks = ckpt.shape[1]
-    for i in prange(rows):
+    for i in range(lo, hi):
         d = i % dim
         bg = (i // dim) * groups + d // per_group
         h = np.zeros(n_state, dtype=np.float32)
@@ -138,25 +141,24 @@ def scan_forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, gr
             last[i, n] = h[n]
 
 
-@njit(parallel=True, fastmath=_FM_KERNEL, cache=True)
-def scan_backward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk, ckpt,
+@njit(nogil=True, fastmath=_FM_KERNEL, cache=True)
+def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk, ckpt,
                   dout, dlast, blocks_per_group, du, ddelta, dz, dA_rows, dD_rows, dbias_rows,
                   dB_part, dC_part):
-    """Fused reverse sweep; inputs as in :func:`scan_forward` plus dout (rows, L), dlast (rows, NP).
+    """Fused reverse sweep of tasks lo..hi-1 (releases the GIL); inputs as in :func:`scan_forward` plus dout (rows, L), dlast (rows, NP).
 
     Outputs: du, ddelta, dz (rows, L) (dz only if ``has_z``); per-row dA_rows (rows, NP), dD_rows,
     dbias_rows (rows,) (caller sums over batch); dB_part, dC_part (batch*groups*blocks_per_group, L,
-    NP), one partial sum per block of channels of a group (caller sums the blocks). Each parallel
-    task owns one block, so there are no write races. States of a chunk are recomputed from ckpt.
+    NP), one partial sum per block of channels of a group (caller sums the blocks); task = (batch *
+    groups + group) * blocks_per_group + block. Each task owns its block, so there are no write races. States of a chunk are recomputed from ckpt.
     """
     rows, length = u.shape
     n_state = A.shape[1]
     nblk = n_state // W
     per_group = dim // groups
     batch = rows // dim
-    n_tasks = batch * groups * blocks_per_group
     n_chunks = ckpt.shape[1]
-    for task in prange(n_tasks):
+    for task in range(lo, hi):
         bg = task // blocks_per_group
         part = task % blocks_per_group
         b = bg // groups

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 CHUNK = 64  # steps between state checkpoints (backward recomputes one chunk at a time)
-TASKS_PER_THREAD = 4  # backward load balancing: parallel tasks per numba thread
+TASKS_PER_THREAD = 4  # backward: channel blocks (each with its own dB/dC partial) per thread
+PIECES_PER_THREAD = 4  # load balancing: work ranges per thread
 _KERNELS: Optional[ModuleType] = None
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
 
 
 def _kernels() -> ModuleType:
@@ -32,14 +37,36 @@ def _kernels() -> ModuleType:
     return _KERNELS
 
 
-def _use_torch_threads() -> int:
-    """Run numba's parallel loops on as many threads as torch uses (torch.set_num_threads,
-    OMP_NUM_THREADS under torchrun), capped by numba's pool; returns that number."""
-    import numba  # already imported by the kernels
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
-    return threads
+def _run(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
+    """Run ``kernel(lo, hi, *args)`` over 0..n_items in ``PIECES_PER_THREAD * threads`` ranges on a
+    thread pool, threads = torch.get_num_threads() (so torch.set_num_threads / OMP_NUM_THREADS under
+    torchrun apply). The kernels release the GIL; the calling thread takes part."""
+    global _POOL
+    threads = max(1, min(torch.get_num_threads(), n_items))
+    if threads == 1:
+        kernel(0, n_items, *args)
+        return
+    pieces = min(n_items, PIECES_PER_THREAD * threads)
+    bounds = [n_items * k // pieces for k in range(pieces + 1)]
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads - 1:
+            _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix='mambacsr-scan')
+        pool = _POOL
+    todo = iter(range(pieces))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                k = next(todo, None)
+            if k is None:
+                return
+            kernel(bounds[k], bounds[k + 1], *args)
+
+    futures = [pool.submit(worker) for _ in range(threads - 1)]
+    worker()
+    for future in futures:
+        future.result()  # re-raises a worker's exception
 
 
 def unavailable_reason() -> Optional[str]:
@@ -76,7 +103,6 @@ class _CpuScan(torch.autograd.Function):
                 C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                 delta_bias: Optional[torch.Tensor], softplus: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         kernels = _kernels()
-        _use_torch_threads()
         batch, dim, length = u.shape
         groups, n_state = B.shape[1], A.shape[1]
         padded = -(-n_state // kernels.W) * kernels.W
@@ -91,9 +117,9 @@ class _CpuScan(torch.autograd.Function):
         out = u2.new_empty((rows, length))
         last = u2.new_empty((rows, padded))
         ckpt = u2.new_empty((rows, max(1, math.ceil(length / CHUNK)), padded))
-        kernels.scan_forward(u2.numpy(), delta2.numpy(), Ap.numpy(), Bt.numpy(), Ct.numpy(), D1.numpy(),
-                             z2.numpy(), bias1.numpy(), bool(softplus), z is not None, dim, groups, CHUNK,
-                             out.numpy(), last.numpy(), ckpt.numpy())
+        _run(kernels.scan_forward, rows, u2.numpy(), delta2.numpy(), Ap.numpy(), Bt.numpy(), Ct.numpy(),
+             D1.numpy(), z2.numpy(), bias1.numpy(), bool(softplus), z is not None, dim, groups, CHUNK,
+             out.numpy(), last.numpy(), ckpt.numpy())
         ctx.save_for_backward(u2, delta2, z2, Ap, Bt, Ct, D1, bias1, ckpt)
         ctx.meta = (batch, dim, length, groups, n_state, bool(softplus), z is not None)
         return out.view(batch, dim, length), last[:, :n_state].reshape(batch, dim, n_state)
@@ -106,7 +132,7 @@ class _CpuScan(torch.autograd.Function):
         batch, dim, length, groups, n_state, softplus, has_z = ctx.meta
         rows, padded = u2.shape[0], Ap.shape[1]
         per_group = dim // groups
-        wanted = TASKS_PER_THREAD * _use_torch_threads()
+        wanted = TASKS_PER_THREAD * max(1, torch.get_num_threads())
         blocks = max(1, min(per_group, math.ceil(wanted / (batch * groups))))
         dout2 = _rows(dout, rows, length)
         dlast2 = _pad_states(dlast.reshape(rows, n_state), padded)
@@ -118,11 +144,11 @@ class _CpuScan(torch.autograd.Function):
         dbias_rows = u2.new_empty(rows)
         dB_part = u2.new_empty((batch * groups * blocks, length, padded))
         dC_part = u2.new_empty((batch * groups * blocks, length, padded))
-        kernels.scan_backward(u2.numpy(), delta2.numpy(), Ap.numpy(), Bt.numpy(), Ct.numpy(), D1.numpy(),
-                              z2.numpy(), bias1.numpy(), softplus, has_z, dim, groups, CHUNK, ckpt.numpy(),
-                              dout2.numpy(), dlast2.numpy(), blocks, du.numpy(), ddelta.numpy(), dz.numpy(),
-                              dA_rows.numpy(), dD_rows.numpy(), dbias_rows.numpy(), dB_part.numpy(),
-                              dC_part.numpy())
+        _run(kernels.scan_backward, batch * groups * blocks, u2.numpy(), delta2.numpy(), Ap.numpy(),
+             Bt.numpy(), Ct.numpy(), D1.numpy(), z2.numpy(), bias1.numpy(), softplus, has_z, dim, groups,
+             CHUNK, ckpt.numpy(), dout2.numpy(), dlast2.numpy(), blocks, du.numpy(), ddelta.numpy(),
+             dz.numpy(), dA_rows.numpy(), dD_rows.numpy(), dbias_rows.numpy(), dB_part.numpy(),
+             dC_part.numpy())
         need = ctx.needs_input_grad
         shape = (batch, dim, length)
         dA = dA_rows.view(batch, dim, padded).sum(0)[:, :n_state]
