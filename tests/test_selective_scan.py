@@ -220,7 +220,8 @@ def test_nan_propagates(backend: str) -> None:
 
 @pytest.mark.skipif('cpu' not in BACKENDS, reason='numba missing')
 def test_cpu_results_do_not_depend_on_thread_count() -> None:
-    """The cpu kernel splits rows (forward) and channel blocks (backward) over torch's thread count."""
+    """Rows (forward) and channel blocks (backward) are spread over torch's thread count, but the
+    blocks themselves are fixed, so every result is bitwise identical (reproducible training)."""
     inputs = make_inputs(2, 16, 16, 100, 2, True, True, True, seed=9)
     previous = torch.get_num_threads()
     results = []
@@ -233,6 +234,5 @@ def test_cpu_results_do_not_depend_on_thread_count() -> None:
             results.append([out.detach()] + [v.grad for v in leaves])
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(results[0][0], results[1][0])  # rows are independent: bitwise equal
     for name, one, three in zip(['out'] + NAMES, results[0], results[1]):
-        torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(one, three), name

@@ -18,7 +18,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 CHUNK = 64  # steps between state checkpoints (backward recomputes one chunk at a time)
-TASKS_PER_THREAD = 4  # backward: channel blocks (each with its own dB/dC partial) per thread
+BACKWARD_TASKS = 16  # backward: channel blocks with their own dB/dC partial sums; fixed, not per thread,
+# so results are bitwise identical for any thread count
 PIECES_PER_THREAD = 4  # load balancing: work ranges per thread
 _KERNELS: Optional[ModuleType] = None
 _POOL: Optional[ThreadPoolExecutor] = None
@@ -132,8 +133,7 @@ class _CpuScan(torch.autograd.Function):
         batch, dim, length, groups, n_state, softplus, has_z = ctx.meta
         rows, padded = u2.shape[0], Ap.shape[1]
         per_group = dim // groups
-        wanted = TASKS_PER_THREAD * max(1, torch.get_num_threads())
-        blocks = max(1, min(per_group, math.ceil(wanted / (batch * groups))))
+        blocks = max(1, min(per_group, math.ceil(BACKWARD_TASKS / (batch * groups))))
         dout2 = _rows(dout, rows, length)
         dlast2 = _pad_states(dlast.reshape(rows, n_state), padded)
         du = u2.new_empty((rows, length))
