@@ -303,3 +303,27 @@ def test_ddp_on_cpu_gloo_keeps_ranks_in_sync(tmp_path):
         value = random.random()
         random.seed(rank)
         assert value == random.random()
+
+
+def test_bf16_step_with_tiny_mambacsr(tmp_path):
+    net = dict(type='MambaCSR', upscale=4, embed_dim=24, d_state=4, scan_size=4, depths=[1], depths2=[1],
+               mlp_ratio=1.0, cross_scale_scan=True)
+    model = build_model(make_opt(tmp_path, network=net, use_amp='bf16'))
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    assert np.isfinite(model.get_current_log()['l_pix'])
+    assert all(p.dtype == torch.float32 for p in model.net_g.parameters())
+
+
+def test_hat_model_pads_to_window_and_honours_official_tile_option(tmp_path):
+    net = dict(type='HAT', upscale=4, embed_dim=12, depths=[1], num_heads=[2], window_size=4, compress_ratio=3,
+               squeeze_factor=4, mlp_ratio=1.0, upsampler='pixelshuffle', img_size=16)
+    opt = make_opt(tmp_path, is_train=False, network=net)
+    opt['model_type'] = 'HATModel'
+    opt['tile'] = {'tile_size': 8, 'tile_pad': 2}  # official HAT option file layout
+    model = build_model(opt)
+    kwargs = model.inference_kwargs(model.net_g)
+    assert (kwargs['pad_multiple'], kwargs['tile_size'], kwargs['tile_overlap']) == (4, 12, 4)
+    model.feed_data({'lq': torch.rand(1, 3, 14, 17)})
+    model.test()
+    assert model.output.shape == (1, 3, 56, 68)
