@@ -11,7 +11,8 @@ Prints seconds per call (median of --repeat after one warm-up) and ratios:
   materialises exp(delta A) pays at least once.
 
 Peak memory added by one forward+backward at batch 4 is measured in a fresh subprocess as the rise
-of the RSS (sampled every millisecond) over the RSS once the inputs exist; the (batch, dim, L, N) float32
+of the RSS (sampled every millisecond, glibc mmap threshold fixed at 128 KiB so freed blocks leave
+the RSS) over the RSS once the inputs exist; the (batch, dim, L, N) float32
 states it never stores would be 755 MB. Usage: ``python benchmarks/bench_scan.py [--quick]``.
 """
 from __future__ import annotations
@@ -110,7 +111,10 @@ def memory_child(backend: str, batch: int) -> None:
 
 def peak_memory(backend: str, batch: int) -> Optional[int]:
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', backend, '--batch', str(batch)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # fixed mmap threshold: blocks >= 128 KiB go back to the OS when freed, so RSS tracks live memory
+    # instead of glibc's heap high-water mark
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072')
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(f'  memory child for {backend} failed: {result.stderr.strip()[-500:]}')
         return None
@@ -124,6 +128,7 @@ def main() -> None:
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 4])
     parser.add_argument('--backends', nargs='+', default=None, help='default: every available one')
     parser.add_argument('--ref-bwd-length', type=int, default=256)
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory runs')
     parser.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--batch', type=int, default=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,7 +167,7 @@ def main() -> None:
     print('\n' + header)
     print('\n'.join(rows))
     print(f'* reference forward+backward extrapolated linearly from L={args.ref_bwd_length}.')
-    if not args.quick:
+    if not (args.quick or args.no_memory):
         states = 4 * DIM * LENGTH * N_STATE * 4
         print(f'\npeak memory added by one forward+backward, batch 4 (states would be {states / 2**20:.0f} MiB):')
         for backend in backends:

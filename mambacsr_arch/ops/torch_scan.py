@@ -63,7 +63,8 @@ def _chunk(h0: torch.Tensor, u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
     h = (_parallel_scan if parallel else _loop_scan)(a, drive, h0)  # (T, b, d, N)
     Ct = C.permute(3, 0, 1, 2).unsqueeze(3)  # (T, b, g, 1, N)
     y = (h.view(length, batch, groups, per_group, n_state) * Ct).sum(-1)  # (T, b, g, d/g)
-    return y.reshape(length, batch, dim).permute(1, 2, 0), h[-1]
+    # clone: a view h[-1] would keep this chunk's (T, b, d, N) states alive as the next chunk's input
+    return y.reshape(length, batch, dim).permute(1, 2, 0), h[-1].clone()
 
 
 def scan_core(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
