@@ -141,8 +141,9 @@ def main() -> None:
     usable = [b for b in usable if b != 'mamba_ssm']  # CUDA only; this benchmark runs on CPU tensors
     backends = args.backends or usable
     import numba
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} torch threads, numba {numba.__version__} '
-          f'{numba.get_num_threads()} threads, {os.cpu_count()} CPUs; dim {DIM}, N {N_STATE}, groups {GROUPS}, '
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+    print(f'torch {torch.__version__}, numba {numba.__version__}, {torch.get_num_threads()} threads (torch and the '
+          f'cpu kernel), {os.cpu_count()} CPUs, load average {load:.1f}; dim {DIM}, N {N_STATE}, groups {GROUPS}, '
           f'L {LENGTH}, D + delta_bias + softplus')
     print(f'backends: {backends}; unavailable: '
           f'{ {k: v for k, v in available_backends().items() if v} }')

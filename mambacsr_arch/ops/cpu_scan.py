@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -23,6 +24,7 @@ BACKWARD_TASKS = 16  # backward: channel blocks with their own dB/dC partial sum
 PIECES_PER_THREAD = 4  # load balancing: work ranges per thread
 _KERNELS: Optional[ModuleType] = None
 _POOL: Optional[ThreadPoolExecutor] = None
+_POOL_KEY: Tuple[int, int] = (0, 0)  # (pid, workers) of _POOL: a forked child builds its own
 _POOL_LOCK = threading.Lock()
 
 
@@ -42,7 +44,7 @@ def _run(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     """Run ``kernel(lo, hi, *args)`` over 0..n_items in ``PIECES_PER_THREAD * threads`` ranges on a
     thread pool, threads = torch.get_num_threads() (so torch.set_num_threads / OMP_NUM_THREADS under
     torchrun apply). The kernels release the GIL; the calling thread takes part."""
-    global _POOL
+    global _POOL, _POOL_KEY
     threads = max(1, min(torch.get_num_threads(), n_items))
     if threads == 1:
         kernel(0, n_items, *args)
@@ -50,8 +52,11 @@ def _run(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     pieces = min(n_items, PIECES_PER_THREAD * threads)
     bounds = [n_items * k // pieces for k in range(pieces + 1)]
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads - 1:
+        if _POOL is None or _POOL_KEY[0] != os.getpid() or _POOL_KEY[1] < threads - 1:
+            if _POOL is not None and _POOL_KEY[0] == os.getpid():
+                _POOL.shutdown(wait=False)
             _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix='mambacsr-scan')
+            _POOL_KEY = (os.getpid(), threads - 1)
         pool = _POOL
     todo = iter(range(pieces))
     lock = threading.Lock()
