@@ -12,8 +12,9 @@ hits all of them alike:
 * warm-up: one forward per model at LR 16x16 before anything is measured (numba compilation,
   allocator and thread-pool start-up are not measured).
 * peak memory: the first forward at each size. CPU: growth of the process's peak RSS (``VmHWM``,
-  reset via ``/proc/self/clear_refs``) over the RSS before it; CUDA: ``max_memory_allocated``
-  growth over it.
+  reset via ``/proc/self/clear_refs``) over the RSS before it, after ``malloc_trim`` released the
+  heap pages earlier forwards freed (else a model could reuse them unseen); CUDA:
+  ``max_memory_allocated`` growth over it.
 * latency: median wall time of the next ``repeats`` eval-mode forwards of one (1, 3, s, s) image
   under ``torch.inference_mode()`` (CUDA: synchronised); images/s = 1 / latency.
 * scan share: time inside ``mambacsr_arch.ops.selective_scan`` / forward time, summed over the timed
@@ -36,6 +37,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
+import gc
 import os
 import statistics
 import sys
@@ -128,6 +131,14 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f'{field} not in /proc/self/status (Linux only)')
 
 
+def _malloc_trim() -> None:
+    """glibc ``malloc_trim(0)``: give free heap memory back to the OS (no-op elsewhere)."""
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: peaks may then be under-reported after another model freed memory
+
+
 def peak_memory_bytes(net: nn.Module, x: torch.Tensor) -> Optional[int]:
     """Extra memory at the peak of one forward (see module doc); None where it cannot be measured."""
     if x.device.type == 'cuda':
@@ -137,6 +148,8 @@ def peak_memory_bytes(net: nn.Module, x: torch.Tensor) -> Optional[int]:
         time_forward(net, x)
         return torch.cuda.max_memory_allocated(x.device) - before
     try:
+        gc.collect()
+        _malloc_trim()  # return freed heap pages, or the next model's forward reuses them unseen
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')  # resets VmHWM to the current RSS
         before = _proc_status_kib('VmRSS')
@@ -212,7 +225,7 @@ def format_rows(rows: List[dict]) -> str:
         share = '-' if r['scan_share'] is None else f"{100 * r['scan_share']:.0f}%"
         lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | {r['params'] / 1e6:.2f} | "
                      f"{r['flops'] / 1e9:.1f} | {r['scan_flops'] / 1e9:.1f} | {r['latency'] * 1e3:.0f} | "
-                     f"{r['ips']:.2f} | {_mib(r['peak'])} | {share} |")
+                     f"{r['ips']:.3g} | {_mib(r['peak'])} | {share} |")
     return '\n'.join(lines)
 
 
