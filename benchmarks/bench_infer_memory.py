@@ -11,9 +11,10 @@ with a tiny MambaCSR (random weights saved as a BasicSR checkpoint; the network 
 the memory behaviour does) and reads that process's peak RSS from ``os.wait4``. Columns:
 
 * peak RSS: the whole process (Python, torch, the model, the image buffers, the tiles).
-* output buffers: what any x4 restorer must hold for the result: the float32 HR image, the
-  blending weights and the uint8 result (``restore_image`` accumulates tiles into a full-size
-  float32 buffer), i.e. about 4 * 4 + 4 + 3 = 23 bytes per HR pixel, computed, not measured.
+* output buffers: the full-size HR buffers alive together at the end of ``restore_image``: the
+  float32 RGB accumulator (12 bytes per HR pixel), the blending weights (4) and the float32
+  quotient (12), i.e. 28 bytes per HR pixel; computed, not measured. (Afterwards infer holds
+  less: the float32 result converted in place, the uint8 image and its BGR copy, 18 bytes.)
 * rest: peak RSS - output buffers: the network's working memory plus fixed costs; with tiling
   it stays flat as the image grows, which is the point of this benchmark.
 
@@ -38,7 +39,7 @@ TINY_MAMBACSR = {'type': 'MambaCSR', 'in_chans': 3, 'upscale': 4, 'embed_dim': 2
                  'depths': [4], 'depths2': [4], 'mlp_ratio': 2, 'img_range': 1., 'upsampler': 'pixelshuffle',
                  'resi_connection': '1conv', 'dual_interleaved_scan': True, 'cross_scale_scan': False}
 SCALE = 4
-OUTPUT_BYTES_PER_HR_PIXEL = 3 * 4 + 4 + 3 * 4 + 3  # float32 sum, weights, float32 result, uint8
+OUTPUT_BYTES_PER_HR_PIXEL = 3 * 4 + 4 + 3 * 4  # float32 accumulator, weights, float32 quotient
 
 
 def make_checkpoint(path: str) -> None:
