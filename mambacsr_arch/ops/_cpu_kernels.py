@@ -101,10 +101,10 @@ def _chunk_dt(delta, i, t0, t1, bias, softplus, dt_buf):
 @njit(nogil=True, fastmath=_FM_KERNEL, cache=True)
 def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk,
                  out, last, ckpt):
-    """Fused forward of rows lo..hi-1 (releases the GIL). u, delta, out: (rows, L); z: (rows, L) if ``has_z`` (else any 2-D array);
-    A: (dim, NP); Bt, Ct: (batch*groups, L, NP); D, delta_bias: (dim,) (zeros when absent).
-    Writes out = (<C, h> + D u) * silu(z), last (rows, NP) and ckpt (rows, n_chunks, NP), the state
-    before each chunk of ``chunk`` steps."""
+    """Fused forward of rows lo..hi-1 (releases the GIL). u, delta, out: (rows, L); z: (rows, L) if
+    ``has_z`` (else any 2-D array); A: (dim, NP); Bt, Ct: (batch*groups, L, NP); D, delta_bias:
+    (dim,) (zeros when absent). Writes out = (<C, h> + D u) * silu(z), last (rows, NP) and ckpt
+    (rows, n_chunks, NP), the state before each chunk of ``chunk`` steps."""
     rows, length = u.shape
     n_state = A.shape[1]
     nblk = n_state // W
@@ -145,12 +145,14 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
 def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk, ckpt,
                   dout, dlast, blocks_per_group, du, ddelta, dz, dA_rows, dD_rows, dbias_rows,
                   dB_part, dC_part):
-    """Fused reverse sweep of tasks lo..hi-1 (releases the GIL); inputs as in :func:`scan_forward` plus dout (rows, L), dlast (rows, NP).
+    """Fused reverse sweep of tasks lo..hi-1 (releases the GIL); inputs as in :func:`scan_forward`
+    plus dout (rows, L), dlast (rows, NP).
 
     Outputs: du, ddelta, dz (rows, L) (dz only if ``has_z``); per-row dA_rows (rows, NP), dD_rows,
     dbias_rows (rows,) (caller sums over batch); dB_part, dC_part (batch*groups*blocks_per_group, L,
     NP), one partial sum per block of channels of a group (caller sums the blocks); task = (batch *
-    groups + group) * blocks_per_group + block. Each task owns its block, so there are no write races. States of a chunk are recomputed from ckpt.
+    groups + group) * blocks_per_group + block. Each task owns its block, so there are no write
+    races. The states of a chunk are recomputed from ckpt.
     """
     rows, length = u.shape
     n_state = A.shape[1]
