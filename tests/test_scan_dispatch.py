@@ -195,3 +195,15 @@ def test_import_does_not_load_mamba_ssm_or_numba() -> None:
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == '[]'
+
+
+def test_cpu_kernel_failure_names_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    if available_backends()['cpu'] is not None:
+        pytest.skip('numba missing here')
+
+    def broken(lo, hi, *args):
+        raise ValueError('LLVM ERROR: unsupported CPU')
+
+    monkeypatch.setattr(cpu_scan._kernels(), 'scan_forward', broken)
+    with pytest.raises(RuntimeError, match='unsupported CPU.*MAMBACSR_SCAN_BACKEND=torch'):
+        selective_scan(*small_inputs(), backend='cpu')

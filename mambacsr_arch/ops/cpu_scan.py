@@ -44,6 +44,15 @@ def _run(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     """Run ``kernel(lo, hi, *args)`` over 0..n_items in ``PIECES_PER_THREAD * threads`` ranges on a
     thread pool, threads = torch.get_num_threads() (so torch.set_num_threads / OMP_NUM_THREADS under
     torchrun apply). The kernels release the GIL; the calling thread takes part."""
+    try:
+        _run_pieces(kernel, n_items, *args)
+    except Exception as exc:  # e.g. a numba compile error on an unusual CPU: say how to avoid it
+        name = getattr(kernel, '__name__', 'kernel')
+        raise RuntimeError(f'cpu selective-scan {name} failed: {type(exc).__name__}: {exc}. Use the portable '
+                           f"backend instead: backend='torch' or MAMBACSR_SCAN_BACKEND=torch") from exc
+
+
+def _run_pieces(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     global _POOL, _POOL_KEY
     threads = max(1, min(torch.get_num_threads(), n_items))
     if threads == 1:
