@@ -17,6 +17,8 @@ hits all of them alike:
   ``max_memory_allocated`` growth over it.
 * latency: median wall time of the next ``repeats`` eval-mode forwards of one (1, 3, s, s) image
   under ``torch.inference_mode()`` (CUDA: synchronised); images/s = 1 / latency.
+* CPU time: median process CPU time (all threads) of the same forwards. On a loaded machine wall
+  time includes waiting for a core; CPU time does not, so its ratio is the steadier CPU comparison.
 * scan share: time inside ``mambacsr_arch.ops.selective_scan`` / forward time, summed over the timed
   forwards (the function is wrapped by a timer; on CUDA synchronised around each call, which
   costs a little latency there).
@@ -113,14 +115,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(net: nn.Module, x: torch.Tensor) -> float:
-    """Seconds of one forward (synchronised on CUDA)."""
+def time_forward(net: nn.Module, x: torch.Tensor) -> Tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward (synchronised on CUDA)."""
     _sync(x.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         net(x)
     _sync(x.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def _proc_status_kib(field: str) -> int:
@@ -196,20 +198,25 @@ def bench_device(names: Sequence[str], sizes: Sequence[int], repeats: int, devic
         stats: Dict[str, dict] = {}
         for name, net in nets.items():
             total, scan = count_flops(copy.deepcopy(net).to('meta'), x.to('meta'))
-            stats[name] = dict(flops=total, scan_flops=scan, peak=peak_memory_bytes(net, x), times=[], inside=0.0)
+            stats[name] = dict(flops=total, scan_flops=scan, peak=peak_memory_bytes(net, x), times=[],
+                               cpu_times=[], inside=0.0)
         for _ in range(repeats):
             for name, net in nets.items():
                 with timed_scan(device) as inside:
-                    stats[name]['times'].append(time_forward(net, x))
+                    wall, cpu = time_forward(net, x)
+                stats[name]['times'].append(wall)
+                stats[name]['cpu_times'].append(cpu)
                 stats[name]['inside'] += inside[0]
         for name, net in nets.items():
             s = stats[name]
             s['scan_share'] = s['inside'] / sum(s['times']) if s['inside'] > 0 else None
             latency = statistics.median(s['times'])
             rows.append(dict(model=name, device=device.type, size=size, latency=latency, ips=1.0 / latency,
+                             cpu=statistics.median(s['cpu_times']),
                              params=sum(p.numel() for p in net.parameters()), flops=s['flops'],
                              scan_flops=s['scan_flops'], peak=s['peak'], scan_share=s['scan_share']))
             print(f'  measured {name:<13} {device.type} {size}x{size}: {latency * 1e3:.0f} ms', file=sys.stderr)
+        print(format_rows(rows), file=sys.stderr)  # partial results, in case a long run is cut short
     return rows
 
 
@@ -219,19 +226,20 @@ def _mib(value: Optional[int]) -> str:
 
 def format_rows(rows: List[dict]) -> str:
     lines = ['| model | device | LR size | params (M) | GFLOPs | scan GFLOPs | latency (ms) | images/s | '
-             'peak mem (MiB) | scan share of time |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             'CPU time (s) | peak mem (MiB) | scan share of time |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         share = '-' if r['scan_share'] is None else f"{100 * r['scan_share']:.0f}%"
         lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | {r['params'] / 1e6:.2f} | "
                      f"{r['flops'] / 1e9:.1f} | {r['scan_flops'] / 1e9:.1f} | {r['latency'] * 1e3:.0f} | "
-                     f"{r['ips']:.3g} | {_mib(r['peak'])} | {share} |")
+                     f"{r['ips']:.3g} | {r['cpu']:.1f} | {_mib(r['peak'])} | {share} |")
     return '\n'.join(lines)
 
 
 def format_ratios(rows: List[dict]) -> str:
-    lines = [f'| model / {BASELINE} | device | LR size | latency ratio | FLOPs ratio | peak memory ratio |',
-             '|---|---|---|---|---|---|']
+    lines = [f'| model / {BASELINE} | device | LR size | latency ratio | CPU time ratio | FLOPs ratio | '
+             'peak memory ratio |',
+             '|---|---|---|---|---|---|---|']
     for r in rows:
         if r['model'] == BASELINE:
             continue
@@ -241,7 +249,8 @@ def format_ratios(rows: List[dict]) -> str:
             continue
         mem = ('n/a' if not (r['peak'] and base['peak']) else f"{r['peak'] / base['peak']:.2f}")
         lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | "
-                     f"{r['latency'] / base['latency']:.2f} | {r['flops'] / base['flops']:.2f} | {mem} |")
+                     f"{r['latency'] / base['latency']:.2f} | {r['cpu'] / base['cpu']:.2f} | "
+                     f"{r['flops'] / base['flops']:.2f} | {mem} |")
     return '\n'.join(lines)
 
 
