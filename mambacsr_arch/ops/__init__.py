@@ -17,9 +17,12 @@ Backends
 --------
 ``mamba_ssm``  the CUDA kernel of the ``mamba_ssm`` package (``pip install 'mambacsr-arch[cuda]'``),
                imported lazily, never at package import.
-``cpu``        fused, exact numba kernel for CPU tensors; forward and backward; chunk checkpoints
-               keep backward memory O(batch * dim * L).
-``torch``      portable chunked PyTorch (any device), stable, bounded memory via checkpointing.
+``cpu``        fused, exact numba kernel for CPU tensors, forward and backward; state checkpoints
+               every 64 steps keep backward memory O(batch * dim * L). Runs on
+               ``torch.get_num_threads()`` threads with bitwise identical results for any thread
+               count. First use compiles it (a few seconds), cached on disk by numba afterwards.
+``torch``      portable chunked PyTorch (any device), stable, bounded memory via checkpointing
+               (a step loop on CPU, a Hillis-Steele scan within chunks elsewhere).
 ``reference``  the plain sequential loop; for tests only.
 
 Selection: ``backend=`` argument > ``MAMBACSR_SCAN_BACKEND`` environment variable > automatic
