@@ -154,6 +154,13 @@ def test_env_command_names_the_scan_backend():
     assert "mambacsr-arch[cuda]" in proc.stdout
 
 
+def test_env_reports_an_unusable_backend_request_instead_of_crashing():
+    proc = _run([osp.join(BIN, 'basicsr'), 'env'], cwd=os.getcwd(),
+                env={'MAMBACSR_SCAN_BACKEND': 'mamba_ssm'})
+    assert 'active backend for CPU tensors:  error (' in proc.stdout
+    assert 'mamba_ssm' in proc.stdout
+
+
 def test_unknown_command_fails_with_usage(capsys):
     from mambacsr_arch.cli.main import main
 

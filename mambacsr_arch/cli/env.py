@@ -39,6 +39,18 @@ def _gpus() -> List[str]:
     return [f'cuda:{i} {torch.cuda.get_device_name(i)}' for i in range(torch.cuda.device_count())]
 
 
+def _resolve(device_type: str) -> Tuple[str, str]:
+    """(backend, reason) for a device; a misconfigured request is reported, not raised."""
+    import torch
+
+    from mambacsr_arch import ops
+
+    try:
+        return ops.resolve_backend(torch.device(device_type))
+    except (ValueError, RuntimeError) as err:
+        return 'error', str(err)
+
+
 def collect() -> Dict[str, object]:
     """Gather the report as a dict (used by tests and by ``run``)."""
     import torch
@@ -56,11 +68,11 @@ def collect() -> Dict[str, object]:
         'torch_cuda_build': torch.version.cuda,
         'gpus': _gpus(),
         'scan_backends': ops.available_backends(),
-        'scan_backend_cpu': ops.resolve_backend(torch.device('cpu')),
+        'scan_backend_cpu': _resolve('cpu'),
         'plugins': plugins,
     }
     if torch.cuda.is_available():
-        report['scan_backend_cuda'] = ops.resolve_backend(torch.device('cuda'))
+        report['scan_backend_cuda'] = _resolve('cuda')
     missing = {}
     for name, (purpose, install) in OPTIONAL_PACKAGES.items():
         if importlib.util.find_spec(name) is None:
