@@ -282,7 +282,10 @@ def _run_tasks(tasks: List[Tuple[str, str, Dict[str, Any]]], cfg: PrepareConfig)
             results.append(_process_one(task))
             bar.update(1)
     else:
-        with multiprocessing.Pool(min(cfg.workers, len(tasks)), initializer=_init_worker) as pool:
+        # 'spawn', not the Linux default 'fork': forking a process whose torch/OpenMP/numba thread
+        # pools are already running can deadlock the children on a lock held by a dead thread.
+        context = multiprocessing.get_context('spawn')
+        with context.Pool(min(cfg.workers, len(tasks)), initializer=_init_worker) as pool:
             for result in pool.imap_unordered(_process_one, tasks):
                 results.append(result)
                 bar.update(1)
