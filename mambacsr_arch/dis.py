@@ -94,6 +94,19 @@ def _pad_bottom_right(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x
 
 
+def _window_view(x: torch.Tensor, window: Optional[int], column_first: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> zero-padded, permuted 6-D view whose row-major flattening of dims 2.. is the
+    (unflipped) :func:`window_scan` order. No copy unless padding is needed."""
+    b, c, h, w = x.shape
+    wh, ww = _window_hw(window, (h, w))
+    hp, wp = _padded(h, wh), _padded(w, ww)
+    x = _pad_bottom_right(x, hp, wp)
+    x = x.reshape(b, c, hp // wh, wh, wp // ww, ww)  # (B, C, Hg, wh, Wg, ww)
+    if column_first:
+        return x.permute(0, 1, 4, 2, 5, 3)  # (B, C, Wg, Hg, ww, wh)
+    return x.permute(0, 1, 2, 4, 3, 5)  # (B, C, Hg, Wg, wh, ww)
+
+
 def window_scan(x: torch.Tensor, window: Optional[int], column_first: bool = False, flip: bool = False) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, L) tokens of windows (see the module docstring for the order).
 
@@ -101,16 +114,9 @@ def window_scan(x: torch.Tensor, window: Optional[int], column_first: bool = Fal
     """
     if x.dim() != 4:
         raise ValueError(f'window_scan expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}')
-    b, c, h, w = x.shape
-    wh, ww = _window_hw(window, (h, w))
-    hp, wp = _padded(h, wh), _padded(w, ww)
-    x = _pad_bottom_right(x, hp, wp)
-    x = x.reshape(b, c, hp // wh, wh, wp // ww, ww)  # (B, C, Hg, wh, Wg, ww)
-    if column_first:
-        x = x.permute(0, 1, 4, 2, 5, 3)  # (B, C, Wg, Hg, ww, wh)
-    else:
-        x = x.permute(0, 1, 2, 4, 3, 5)  # (B, C, Hg, Wg, wh, ww)
-    x = x.reshape(b, c, hp * wp)
+    b, c = x.shape[:2]
+    x = _window_view(x, window, column_first)
+    x = x.reshape(b, c, x.shape[2:].numel())
     return x.flip(-1) if flip else x
 
 
@@ -160,6 +166,31 @@ def cross_scale_length(size: Sequence[int], window: int) -> int:
     return hp * wp // 4 * 5
 
 
+def _cross_high_view(x: torch.Tensor, window: int, column_first: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> zero-padded, permuted 8-D view (B, C, G1, G2, k1, k2, 2, 2) whose flattening of
+    dims 2..5 gives the low-resolution token index and of dims 6..7 the 2 x 2 high-resolution slot
+    (unflipped :func:`cross_scale_scan` order)."""
+    b, c, h, w = x.shape
+    hp, wp, k = _cross_grid((h, w), window)
+    hg, wg = hp // window, wp // window
+    high = _pad_bottom_right(x, hp, wp).reshape(b, c, hg, k, 2, wg, k, 2)  # (hg, a, dy, wg, c, dx)
+    if column_first:
+        return high.permute(0, 1, 5, 2, 6, 3, 7, 4)  # windows (wg, hg), blocks (c, a), inside (dx, dy)
+    return high.permute(0, 1, 2, 5, 3, 6, 4, 7)  # windows (hg, wg), blocks (a, c), inside (dy, dx)
+
+
+def _check_cross_inputs(x: torch.Tensor, x_down: torch.Tensor, window: int) -> None:
+    if x.dim() != 4 or x_down.dim() != 4:
+        raise ValueError(f'cross_scale_scan expects (B, C, H, W) tensors, got {tuple(x.shape)} and '
+                         f'{tuple(x_down.shape)}')
+    hp, wp, k = _cross_grid(x.shape[2:], window)
+    if x_down.shape[:2] != x.shape[:2] or _padded(x_down.shape[2], k) * 2 != hp or \
+            _padded(x_down.shape[3], k) * 2 != wp:
+        raise ValueError(f'cross_scale_scan: low-resolution map {tuple(x_down.shape)} is not aligned with the '
+                         f'high-resolution map {tuple(x.shape)} for window {window}; use x_down of size '
+                         f'(ceil(H/2), ceil(W/2))')
+
+
 def cross_scale_scan(x: torch.Tensor, x_down: torch.Tensor, window: int, column_first: bool = False,
                      flip: bool = False) -> torch.Tensor:
     """Interleave (B, C, H, W) ``x`` (window K) and (B, C, h, w) ``x_down`` (window K/2) -> (B, C, 5 L/4).
@@ -169,28 +200,33 @@ def cross_scale_scan(x: torch.Tensor, x_down: torch.Tensor, window: int, column_
     zero-padded to the same window grid: ``ceil(h / (K/2))`` must equal ``ceil(H / K)`` (true for
     h = ceil(H/2) and for h = H/2 with H even), same for widths.
     """
-    if x.dim() != 4 or x_down.dim() != 4:
-        raise ValueError(f'cross_scale_scan expects (B, C, H, W) tensors, got {tuple(x.shape)} and '
-                         f'{tuple(x_down.shape)}')
-    b, c, h, w = x.shape
-    hp, wp, k = _cross_grid((h, w), window)
-    if x_down.shape[:2] != x.shape[:2] or _padded(x_down.shape[2], k) * 2 != hp or \
-            _padded(x_down.shape[3], k) * 2 != wp:
-        raise ValueError(f'cross_scale_scan: low-resolution map {tuple(x_down.shape)} is not aligned with the '
-                         f'high-resolution map {tuple(x.shape)} for window {window}; use x_down of size '
-                         f'(ceil(H/2), ceil(W/2))')
-    hg, wg = hp // window, wp // window
-    high = _pad_bottom_right(x, hp, wp).reshape(b, c, hg, k, 2, wg, k, 2)  # (hg, a, dy, wg, c, dx)
-    if column_first:
-        high = high.permute(0, 1, 5, 2, 6, 3, 7, 4)  # windows (wg, hg), blocks (c, a), inside (dx, dy)
-    else:
-        high = high.permute(0, 1, 2, 5, 3, 6, 4, 7)  # windows (hg, wg), blocks (a, c), inside (dy, dx)
-    high = high.reshape(b, c, hg * wg * k * k, 4)
-    low = window_scan(x_down, k, column_first=column_first)
+    _check_cross_inputs(x, x_down, window)
+    b, c = x.shape[:2]
+    high = _cross_high_view(x, window, column_first)
+    high = high.reshape(b, c, high.shape[2:6].numel(), 4)
+    low = window_scan(x_down, window // 2, column_first=column_first)
     if flip:
         high = high.flip((-2, -1))
         low = low.flip(-1)
     return torch.cat((low.unsqueeze(-1), high), dim=-1).reshape(b, c, -1)
+
+
+def _cross_high_merge(high: torch.Tensor, window: int, size: Sequence[int], column_first: bool = False,
+                      channels_last: bool = False) -> torch.Tensor:
+    """(B, C, G, 4) high-resolution tokens in unflipped cross-scale order -> (B, C, H, W) (or (B, H, W, C))."""
+    h, w = int(size[0]), int(size[1])
+    b, c = high.shape[:2]
+    hp, wp, k = _cross_grid((h, w), window)
+    hg, wg = hp // window, wp // window
+    if column_first:
+        x, perm = high.reshape(b, c, wg, hg, k, k, 2, 2), (0, 1, 3, 5, 7, 2, 4, 6)
+    else:
+        x, perm = high.reshape(b, c, hg, wg, k, k, 2, 2), (0, 1, 2, 4, 6, 3, 5, 7)
+    if channels_last:
+        x = x.permute(_channels_last(perm)).reshape(b, hp, wp, c)
+        return x[:, :h, :w] if hp != h or wp != w else x
+    x = x.permute(perm).reshape(b, c, hp, wp)
+    return x[:, :, :h, :w] if hp != h or wp != w else x
 
 
 def cross_scale_merge(seq: torch.Tensor, window: int, size: Sequence[int], column_first: bool = False,
@@ -203,20 +239,11 @@ def cross_scale_merge(seq: torch.Tensor, window: int, size: Sequence[int], colum
         raise ValueError(f'cross_scale_merge expects a (B, C, L) tensor, got shape {tuple(seq.shape)}')
     h, w = int(size[0]), int(size[1])
     b, c, length = seq.shape
-    hp, wp, k = _cross_grid((h, w), window)
+    hp, wp, _ = _cross_grid((h, w), window)
     if length != hp * wp // 4 * 5:
         raise ValueError(f'cross_scale_merge: sequence length {length} does not match size {(h, w)} with window '
                          f'{window} (expected {hp * wp // 4 * 5} tokens)')
     high = seq.reshape(b, c, length // 5, 5)[..., 1:]
     if flip:
         high = high.flip((-2, -1))
-    hg, wg = hp // window, wp // window
-    if column_first:
-        x, perm = high.reshape(b, c, wg, hg, k, k, 2, 2), (0, 1, 3, 5, 7, 2, 4, 6)
-    else:
-        x, perm = high.reshape(b, c, hg, wg, k, k, 2, 2), (0, 1, 2, 4, 6, 3, 5, 7)
-    if channels_last:
-        x = x.permute(_channels_last(perm)).reshape(b, hp, wp, c)
-        return x[:, :h, :w] if hp != h or wp != w else x
-    x = x.permute(perm).reshape(b, c, hp, wp)
-    return x[:, :, :h, :w] if hp != h or wp != w else x
+    return _cross_high_merge(high, window, (h, w), column_first, channels_last)

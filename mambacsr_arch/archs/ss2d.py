@@ -141,18 +141,135 @@ class SS2D(nn.Module):
         self.multi_scan = _MultiScan(d_inner, directions)
 
     # ------------------------------------------------------------------ scan helpers
-    def _scan_all(self, x: torch.Tensor, x_down: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        """(B, D, H, W) -> one (B, D, L_k) sequence per direction."""
-        if self.cross_scale:
-            return [dis.cross_scale_scan(x, x_down, d.window, d.column_first, d.flip) for d in self.parsed]
-        return [dis.window_scan(x, d.window, d.column_first, d.flip) for d in self.parsed]
+    def _partner(self, i: int) -> Optional[int]:
+        """Index j < i of a direction that differs from direction i only by ``flip`` (None if none)."""
+        d = self.parsed[i]
+        for j in range(i):
+            e = self.parsed[j]
+            if (e.window, e.column_first, e.kind) == (d.window, d.column_first, d.kind) and e.flip != d.flip:
+                return j
+        return None
 
-    def _merge(self, seq: torch.Tensor, k: int, size: Tuple[int, int]) -> torch.Tensor:
-        """(B, D, L_k) sequence of direction k -> (B, H, W, D) map."""
-        d = self.parsed[k]
+    def _scan_into(self, x: torch.Tensor, x_down: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, D, H, W) -> (B, K, D, L) sequences of all directions, built in one buffer.
+
+        A direction whose flip partner was already scanned is derived from it by reversing (no second
+        reorder); every other one is copied straight from the permuted view of the map. Shorter
+        sequences (only with mixed windows) are zero-padded at the end (causal scan: trailing padding
+        never changes earlier outputs).
+        """
+        b, d = x.shape[:2]
+        size = x.shape[2:]
         if self.cross_scale:
-            return dis.cross_scale_merge(seq, d.window, size, d.column_first, d.flip, channels_last=True)
-        return dis.window_merge(seq, d.window, size, d.column_first, d.flip, channels_last=True)
+            dis._check_cross_inputs(x, x_down, self.parsed[0].window)
+            lengths = [dis.cross_scale_length(size, p.window) for p in self.parsed]
+        else:
+            lengths = [dis.scan_length(size, p.window) for p in self.parsed]
+        length = max(lengths)
+        k = len(self.parsed)
+        xs = (x.new_empty if min(lengths) == length else x.new_zeros)((b, k, d, length))
+        for i, p in enumerate(self.parsed):
+            n = lengths[i]
+            out = xs[:, i, :, :n]
+            j = self._partner(i)
+            if self.cross_scale:
+                grouped = out.unflatten(-1, (n // 5, 5))
+                if j is not None:
+                    src = xs[:, j, :, :n].unflatten(-1, (n // 5, 5))
+                    grouped[..., :1].copy_(src[..., :1].flip(-2))
+                    grouped[..., 1:].copy_(src[..., 1:].flip((-2, -1)))
+                    continue
+                high = dis._cross_high_view(x, p.window, p.column_first)
+                grouped[..., 1:].unflatten(-2, high.shape[2:6]).unflatten(-1, (2, 2)).copy_(high)
+                low = dis._window_view(x_down, p.window // 2, p.column_first)
+                grouped[..., 0].unflatten(-1, low.shape[2:]).copy_(low)
+                if p.flip:
+                    grouped[..., :1].copy_(grouped[..., :1].flip(-2))
+                    grouped[..., 1:].copy_(grouped[..., 1:].flip((-2, -1)))
+            else:
+                if j is not None:
+                    out.copy_(xs[:, j, :, :n].flip(-1))
+                    continue
+                view = dis._window_view(x, p.window, p.column_first)
+                out.unflatten(-1, view.shape[2:]).copy_(view)
+                if p.flip:
+                    out.copy_(out.flip(-1))
+        return xs, lengths
+
+    def _valid_mask(self, size: Tuple[int, int], down_size: Optional[Tuple[int, int]], length: int,
+                    lengths: Sequence[int], device: torch.device) -> Optional[torch.Tensor]:
+        """(K, L) float mask of the tokens that land on the output map (None when all of them do)."""
+        if not self.cross_scale and all(n == length and n == size[0] * size[1] for n in lengths):
+            return None
+        ones = torch.ones((1, 1) + tuple(size), device=device)
+        rows = []
+        for p, n in zip(self.parsed, lengths):
+            if self.cross_scale:
+                zeros = torch.zeros((1, 1) + tuple(down_size), device=device)
+                seq = dis.cross_scale_scan(ones, zeros, p.window, p.column_first, p.flip)
+            else:
+                seq = dis.window_scan(ones, p.window, p.column_first, p.flip)
+            rows.append(F.pad(seq.reshape(-1), (0, length - n)))
+        return torch.stack(rows)
+
+    def _direction_gates(self, ys: torch.Tensor, mask: Optional[torch.Tensor], count: int) -> torch.Tensor:
+        """Per-direction channel gates (B, K, D) of :class:`DirectionGate`, computed on the sequences.
+
+        The gate pools ``LayerNorm(y)`` over the tokens of the map, which does not depend on their
+        order: mean_l(norm(y_l)) = weight * sum_l (y_l - mu_l) * rstd_l / count + bias.
+        """
+        gate = self.multi_scan.attn
+        d = ys.shape[2]
+        # channel statistics per token by matrix products (a reduction over the middle dim is slow)
+        avg = ys.new_full((1, d), 1.0 / d)
+        mu = torch.matmul(avg, ys)  # (B, K, 1, L)
+        var = (torch.matmul(avg, ys * ys) - mu * mu).clamp_(min=0)
+        weights = torch.rsqrt(var + gate.norm.eps)
+        if mask is not None:
+            weights = weights * mask[:, None, :]
+        weights = weights / count
+        # sum_l (y_l - mu_l) * weights_l
+        pooled = (torch.matmul(weights, ys.transpose(-1, -2)) - (mu * weights).sum(-1, keepdim=True)).squeeze(-2)
+        pooled = pooled * gate.norm.weight + gate.norm.bias
+        return gate.gate_fn(gate.channel_select(gate.act_fn(gate.global_reduce(pooled))))
+
+    def _merge_gated(self, ys: torch.Tensor, gates: torch.Tensor, lengths: Sequence[int],
+                     size: Tuple[int, int]) -> torch.Tensor:
+        """Sum over directions of merge(y_k) * gate_k. (B, K, D, L), (B, K, D) -> (B, H, W, D).
+
+        Flip partners are summed in the order of their partner first, so one merge serves both.
+        """
+        out = None
+        done = set()
+        for i, p in enumerate(self.parsed):
+            if i in done:
+                continue
+            n = lengths[i]
+            partner = next((j for j in range(i + 1, len(self.parsed)) if self._partner(j) == i), None)
+            base = ys[:, i, :, :n]
+            g = gates[:, i, :, None]
+            if self.cross_scale:
+                base = base.unflatten(-1, (n // 5, 5))[..., 1:]
+                if p.flip:
+                    base = base.flip((-2, -1))
+                comb = base * g[..., None]
+                if partner is not None:
+                    other = ys[:, partner, :, :n].unflatten(-1, (n // 5, 5))[..., 1:]
+                    other = other if p.flip else other.flip((-2, -1))
+                    comb = comb.addcmul_(other, gates[:, partner, :, None, None])
+                merged = dis._cross_high_merge(comb, p.window, size, p.column_first, channels_last=True)
+            else:
+                if p.flip:
+                    base = base.flip(-1)
+                comb = base * g
+                if partner is not None:
+                    other = ys[:, partner, :, :n]
+                    other = other if p.flip else other.flip(-1)
+                    comb = comb.addcmul_(other, gates[:, partner, :, None])
+                merged = dis.window_merge(comb, p.window, size, p.column_first, channels_last=True)
+            done.update((i, partner))
+            out = merged if out is None else out + merged
+        return out
 
     def ssm(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scan, selective-scan, merge, gate, sum and normalise. (B, D, H, W) -> (B, H, W, D) float32-normed.
@@ -160,32 +277,28 @@ class SS2D(nn.Module):
         ``x_down`` (B, D, h, w) is required (and only used) for the cross-scale mixer.
         """
         b, d, h, w = x.shape
-        seqs = self._scan_all(x, x_down)
-        lengths = [s.shape[-1] for s in seqs]
-        length = max(lengths)
-        # pad at the end (causal scan: trailing padding never changes earlier outputs) and batch all K
-        xs = torch.stack([F.pad(s, (0, length - s.shape[-1])) if s.shape[-1] < length else s for s in seqs], 1)
-        k = xs.shape[1]
-        x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, self.x_proj_weight)
-        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum('bkrl,kdr->bkdl', dts, self.dt_projs_weight)
+        xs, lengths = self._scan_into(x, x_down)
+        k, length = xs.shape[1], xs.shape[-1]
+        r, n = self.dt_rank, self.d_state
+        x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
+        dts = torch.matmul(self.dt_projs_weight, x_dbl[:, :, :r])  # (B, K, D, L)
+        bs, cs = x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]
         ys = ops.selective_scan(
             xs.reshape(b, k * d, length).float(),
             dts.reshape(b, k * d, length).float(),
             -torch.exp(self.A_logs.float()),
-            bs.float().contiguous(),
-            cs.float().contiguous(),
+            bs.float(),
+            cs.float(),
             self.Ds.float(),
             delta_bias=self.dt_projs_bias.reshape(-1).float(),
             delta_softplus=True,
             backend=self.scan_backend,
         ).reshape(b, k, d, length)
-        out = None
-        for i, n in enumerate(lengths):
-            y = self._merge(ys[:, i, :, :n], i, (h, w)).reshape(b, h * w, d)
-            y = self.multi_scan.attn(y)
-            out = y if out is None else out + y
-        return self.out_norm(out).reshape(b, h, w, d)
+        down = tuple(x_down.shape[2:]) if x_down is not None else None
+        mask = self._valid_mask((h, w), down, length, lengths, ys.device)
+        gates = self._direction_gates(ys, mask, h * w)
+        out = self._merge_gated(ys, gates, lengths, (h, w))
+        return self.out_norm(out)
 
     # ------------------------------------------------------------------ forward
     def _project(self, x: torch.Tensor, proj: nn.Linear, conv: Optional[nn.Module], act: nn.Module,
