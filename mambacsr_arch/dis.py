@@ -247,3 +247,64 @@ def cross_scale_merge(seq: torch.Tensor, window: int, size: Sequence[int], colum
     if flip:
         high = high.flip((-2, -1))
     return _cross_high_merge(high, window, (h, w), column_first, channels_last)
+
+
+# ----------------------------------------------------------------------------- channels-last token helpers
+# Reordering whole channel vectors (B, ..., C) is a row copy; the (B, C, L) <-> (B, L, C) transpose is
+# done separately, once. These private helpers serve SS2D's fast paths; the public functions above
+# define the orders.
+
+
+def _cross_high_view_nhwc(x: torch.Tensor, window: int, column_first: bool = False) -> torch.Tensor:
+    """(B, H, W, C) -> zero-padded, permuted view (B, G1, G2, k1, k2, 2, 2, C) in unflipped cross-scale order."""
+    b, h, w, c = x.shape
+    hp, wp, k = _cross_grid((h, w), window)
+    if hp != h or wp != w:
+        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+    high = x.reshape(b, hp // window, k, 2, wp // window, k, 2, c)  # (hg, a, dy, wg, cc, dx)
+    if column_first:
+        return high.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (wg, hg, cc, a, dx, dy)
+    return high.permute(0, 1, 4, 2, 5, 3, 6, 7)  # (hg, wg, a, cc, dy, dx)
+
+
+def _window_view_nhwc(x: torch.Tensor, window: Optional[int], column_first: bool = False) -> torch.Tensor:
+    """(B, H, W, C) -> zero-padded, permuted view (B, G1, G2, w1, w2, C) in unflipped window-scan order."""
+    b, h, w, c = x.shape
+    wh, ww = _window_hw(window, (h, w))
+    hp, wp = _padded(h, wh), _padded(w, ww)
+    if hp != h or wp != w:
+        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+    x = x.reshape(b, hp // wh, wh, wp // ww, ww, c)
+    if column_first:
+        return x.permute(0, 3, 1, 4, 2, 5)
+    return x.permute(0, 1, 3, 2, 4, 5)
+
+
+def _window_merge_tokens(tokens: torch.Tensor, window: Optional[int], size: Sequence[int],
+                         column_first: bool = False) -> torch.Tensor:
+    """(B, L, C) tokens in unflipped window-scan order -> (B, H, W, C), padding dropped."""
+    h, w = int(size[0]), int(size[1])
+    b, _, c = tokens.shape
+    wh, ww = _window_hw(window, (h, w))
+    hp, wp = _padded(h, wh), _padded(w, ww)
+    if column_first:
+        x = tokens.reshape(b, wp // ww, hp // wh, ww, wh, c).permute(0, 2, 4, 1, 3, 5)
+    else:
+        x = tokens.reshape(b, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, hp, wp, c)
+    return x[:, :h, :w] if hp != h or wp != w else x
+
+
+def _cross_high_merge_tokens(tokens: torch.Tensor, window: int, size: Sequence[int],
+                             column_first: bool = False) -> torch.Tensor:
+    """(B, G, 4, C) high-resolution tokens in unflipped cross-scale order -> (B, H, W, C)."""
+    h, w = int(size[0]), int(size[1])
+    b, c = tokens.shape[0], tokens.shape[-1]
+    hp, wp, k = _cross_grid((h, w), window)
+    hg, wg = hp // window, wp // window
+    if column_first:
+        x = tokens.reshape(b, wg, hg, k, k, 2, 2, c).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    else:
+        x = tokens.reshape(b, hg, wg, k, k, 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    x = x.reshape(b, hp, wp, c)
+    return x[:, :h, :w] if hp != h or wp != w else x

@@ -88,7 +88,8 @@ class DISBlock(nn.Module):
     def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         h = self.ln_1(x)
-        conv_x = self.conv_block(h.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+        # a channels-last view: the convolutions run in that memory format, no transposing copies
+        conv_x = self.conv_block(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x * self.skip_scale + self.drop_path(self.self_attention(h)) + conv_x * 0.01
         return x * self.skip_scale2 + self.drop_path(self.mlp(self.ln_2(x)))
 
@@ -185,5 +186,5 @@ class ResidualDISGroup(nn.Module):
     def forward(self, x: torch.Tensor, x_size: Sequence[int]) -> torch.Tensor:
         b, _, c = x.shape
         y = self.residual_group(x.reshape(b, x_size[0], x_size[1], c))
-        y = self.conv(y.permute(0, 3, 1, 2).contiguous())
+        y = self.conv(y.permute(0, 3, 1, 2))  # channels-last memory format in and out
         return y.flatten(2).transpose(1, 2) + x

@@ -179,10 +179,13 @@ class SS2D(nn.Module):
                     grouped[..., :1].copy_(src[..., :1].flip(-2))
                     grouped[..., 1:].copy_(src[..., 1:].flip((-2, -1)))
                     continue
-                high = dis._cross_high_view(x, p.window, p.column_first)
-                grouped[..., 1:].unflatten(-2, high.shape[2:6]).unflatten(-1, (2, 2)).copy_(high)
-                low = dis._window_view(x_down, p.window // 2, p.column_first)
-                grouped[..., 0].unflatten(-1, low.shape[2:]).copy_(low)
+                # reorder whole channel vectors in (B, H, W, D), then transpose once into the buffer
+                high = dis._cross_high_view_nhwc(x.permute(0, 2, 3, 1), p.window, p.column_first)
+                low = dis._window_view_nhwc(x_down.permute(0, 2, 3, 1), p.window // 2, p.column_first)
+                tokens = x.new_empty((b, n // 5, 5, d))
+                tokens[:, :, 1:].unflatten(1, high.shape[1:5]).unflatten(-2, (2, 2)).copy_(high)
+                tokens[:, :, 0].unflatten(1, low.shape[1:5]).copy_(low)
+                out.copy_(tokens.reshape(b, n, d).transpose(1, 2))
                 if p.flip:
                     grouped[..., :1].copy_(grouped[..., :1].flip(-2))
                     grouped[..., 1:].copy_(grouped[..., 1:].flip((-2, -1)))
@@ -234,8 +237,9 @@ class SS2D(nn.Module):
         return gate.gate_fn(gate.channel_select(gate.act_fn(gate.global_reduce(pooled))))
 
     def _merge_gated(self, ys: torch.Tensor, gates: torch.Tensor, lengths: Sequence[int],
-                     size: Tuple[int, int]) -> torch.Tensor:
-        """Sum over directions of merge(y_k) * gate_k. (B, K, D, L), (B, K, D) -> (B, H, W, D).
+                     size: Tuple[int, int], channels_first: bool = False) -> torch.Tensor:
+        """Sum over directions of merge(y_k) * gate_k. (B, K, D, L), (B, K, D) -> (B, H, W, D), or
+        (B, D, H, W) with ``channels_first`` (window scans only).
 
         Flip partners are summed in the order of their partner first, so one merge serves both.
         """
@@ -257,7 +261,8 @@ class SS2D(nn.Module):
                     other = ys[:, partner, :, :n].unflatten(-1, (n // 5, 5))[..., 1:]
                     other = other if p.flip else other.flip((-2, -1))
                     comb = comb.addcmul_(other, gates[:, partner, :, None, None])
-                merged = dis._cross_high_merge(comb, p.window, size, p.column_first, channels_last=True)
+                merged = dis._cross_high_merge_tokens(comb.permute(0, 2, 3, 1).contiguous(), p.window, size,
+                                                      p.column_first)
             else:
                 if p.flip:
                     base = base.flip(-1)
@@ -266,23 +271,26 @@ class SS2D(nn.Module):
                     other = ys[:, partner, :, :n]
                     other = other if p.flip else other.flip(-1)
                     comb = comb.addcmul_(other, gates[:, partner, :, None])
-                merged = dis.window_merge(comb, p.window, size, p.column_first, channels_last=True)
+                if channels_first:
+                    merged = dis.window_merge(comb, p.window, size, p.column_first)
+                else:
+                    merged = dis._window_merge_tokens(comb.transpose(1, 2).contiguous(), p.window, size,
+                                                      p.column_first)
             done.update((i, partner))
             out = merged if out is None else out + merged
         return out
 
-    def ssm(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Scan, selective-scan, merge, gate, sum and normalise. (B, D, H, W) -> (B, H, W, D) float32-normed.
+    def _scan_and_gate(self, x: torch.Tensor, x_down: Optional[torch.Tensor]):
+        """Scan all directions, run the selective scan, compute the direction gates.
 
-        ``x_down`` (B, D, h, w) is required (and only used) for the cross-scale mixer.
-        """
+        Returns ys (B, K, D, L), gates (B, K, D) and the per-direction lengths."""
         b, d, h, w = x.shape
         xs, lengths = self._scan_into(x, x_down)
         k, length = xs.shape[1], xs.shape[-1]
         r, n = self.dt_rank, self.d_state
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         dts = torch.matmul(self.dt_projs_weight, x_dbl[:, :, :r])  # (B, K, D, L)
-        bs, cs = x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]
+        bs, cs = x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]  # (B, K, N, L) views: the kernel transposes them
         ys = ops.selective_scan(
             xs.reshape(b, k * d, length).float(),
             dts.reshape(b, k * d, length).float(),
@@ -296,9 +304,46 @@ class SS2D(nn.Module):
         ).reshape(b, k, d, length)
         down = tuple(x_down.shape[2:]) if x_down is not None else None
         mask = self._valid_mask((h, w), down, length, lengths, ys.device)
-        gates = self._direction_gates(ys, mask, h * w)
-        out = self._merge_gated(ys, gates, lengths, (h, w))
-        return self.out_norm(out)
+        return ys, self._direction_gates(ys, mask, h * w), lengths
+
+    def ssm(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scan, selective-scan, merge, gate, sum and normalise. (B, D, H, W) -> (B, H, W, D) float32-normed.
+
+        ``x_down`` (B, D, h, w) is required (and only used) for the cross-scale mixer.
+        """
+        ys, gates, lengths = self._scan_and_gate(x, x_down)
+        return self.out_norm(self._merge_gated(ys, gates, lengths, tuple(x.shape[2:])))
+
+    def _layer_norm_channels_first(self, y: torch.Tensor) -> torch.Tensor:
+        """``out_norm`` over the channels of a (B, D, L) tensor, without transposing it."""
+        norm = self.out_norm
+        avg = y.new_full((1, y.shape[1]), 1.0 / y.shape[1])
+        centred = y - torch.matmul(avg, y)
+        rstd = torch.rsqrt(torch.matmul(avg, centred * centred) + norm.eps)
+        return torch.addcmul(norm.bias[:, None], centred * rstd, norm.weight[:, None])
+
+    def _mix_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The window-scan mixer computed in (B, D, H*W) layout: (B, H, W, C) -> (B, H, W, C).
+
+        Linear layers on (B, H*W, C) tokens are matrix products with a transposed operand, so the
+        projections produce and consume channels-first maps without any transposing copy.
+        """
+        b, h, w, c = x.shape
+        d = self.d_inner
+        # bmm with a transposed operand (no copy); matmul would broadcast the weight and copy
+        weight = self.in_proj.weight
+        xz = torch.bmm(weight.expand(b, -1, -1), x.reshape(b, h * w, c).transpose(1, 2))  # (B, 2D, HW)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        xs = self.act(self.conv2d(xz[:, :d].reshape(b, d, h, w)))
+        z = self.act(xz[:, d:])
+        ys, gates, lengths = self._scan_and_gate(xs, None)
+        y = self._merge_gated(ys, gates, lengths, (h, w), channels_first=True).reshape(b, d, h * w)
+        y = self._layer_norm_channels_first(y).to(z.dtype) * z
+        out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(b, -1, -1))  # (B, HW, C)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
+        return self.dropout(out.reshape(b, h, w, c))
 
     # ------------------------------------------------------------------ forward
     def _project(self, x: torch.Tensor, proj: nn.Linear, conv: Optional[nn.Module], act: nn.Module,
@@ -315,12 +360,14 @@ class SS2D(nn.Module):
         else:  # the fusion module never uses the low-resolution gate: compute only the x half
             bias = None if proj.bias is None else proj.bias[:self.d_inner]
             x = F.linear(x, proj.weight[:self.d_inner], bias)
-        return act(conv(x.permute(0, 3, 1, 2).contiguous())), z
+        return act(conv(x.permute(0, 3, 1, 2))), z  # channels-last memory format
 
     def mix(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, H, W, C) [, (B, h, w, C) for cross-scale] -> (B, H, W, C)."""
         if self.cross_scale and x_down is None:
             raise ValueError('the cross-scale SS2D needs x_down, the (B, h, w, C) half-resolution features')
+        if not self.cross_scale and getattr(self, 'conv2d', None) is not None:
+            return self._mix_channels_first(x)
         xs, z = self._project(x, self.in_proj, getattr(self, 'conv2d', None), self.act, True)
         xs_down = None
         if self.cross_scale:
