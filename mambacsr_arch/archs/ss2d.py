@@ -330,13 +330,16 @@ class SS2D(nn.Module):
         """
         b, h, w, c = x.shape
         d = self.d_inner
-        # bmm with a transposed operand (no copy); matmul would broadcast the weight and copy
-        weight = self.in_proj.weight
-        xz = torch.bmm(weight.expand(b, -1, -1), x.reshape(b, h * w, c).transpose(1, 2))  # (B, 2D, HW)
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias[:, None]
-        xs = self.act(self.conv2d(xz[:, :d].reshape(b, d, h, w)))
-        z = self.act(xz[:, d:])
+        tokens = x.reshape(b, h * w, c)
+        weight, bias = self.in_proj.weight, self.in_proj.bias
+        # x half: channels-last, where the depth-wise conv is several times faster than on (B, D, H, W)
+        xs = F.linear(tokens, weight[:d], None if bias is None else bias[:d]).reshape(b, h, w, d)
+        xs = self.act(self.conv2d(xs.permute(0, 3, 1, 2)))
+        # z half: channels-first, as a bmm with a transposed operand (matmul would broadcast and copy)
+        z = torch.bmm(weight[d:].expand(b, -1, -1), tokens.transpose(1, 2))  # (B, D, HW)
+        if bias is not None:
+            z = z + bias[d:, None]
+        z = self.act(z)
         ys, gates, lengths = self._scan_and_gate(xs, None)
         y = self._merge_gated(ys, gates, lengths, (h, w), channels_first=True).reshape(b, d, h * w)
         y = self._layer_norm_channels_first(y).to(z.dtype) * z
