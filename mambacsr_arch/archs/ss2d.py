@@ -215,18 +215,21 @@ class SS2D(nn.Module):
             rows.append(F.pad(seq.reshape(-1), (0, length - n)))
         return torch.stack(rows)
 
-    def _direction_gates(self, ys: torch.Tensor, mask: Optional[torch.Tensor], count: int) -> torch.Tensor:
+    def _direction_gates(self, ys: torch.Tensor, mask: Optional[torch.Tensor], count: int,
+                         scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-direction channel gates (B, K, D) of :class:`DirectionGate`, computed on the sequences.
 
         The gate pools ``LayerNorm(y)`` over the tokens of the map, which does not depend on their
         order: mean_l(norm(y_l)) = weight * sum_l (y_l - mu_l) * rstd_l / count + bias.
+        ``scratch``: a dead buffer shaped like ``ys`` to hold ``ys ** 2`` (saves a fresh allocation).
         """
         gate = self.multi_scan.attn
         d = ys.shape[2]
         # channel statistics per token by matrix products (a reduction over the middle dim is slow)
         avg = ys.new_full((1, d), 1.0 / d)
         mu = torch.matmul(avg, ys)  # (B, K, 1, L)
-        var = (torch.matmul(avg, ys * ys) - mu * mu).clamp_(min=0)
+        squares = ys * ys if scratch is None else torch.mul(ys, ys, out=scratch)
+        var = (torch.matmul(avg, squares) - mu * mu).clamp_(min=0)
         weights = torch.rsqrt(var + gate.norm.eps)
         if mask is not None:
             weights = weights * mask[:, None, :]
@@ -304,7 +307,9 @@ class SS2D(nn.Module):
         ).reshape(b, k, d, length)
         down = tuple(x_down.shape[2:]) if x_down is not None else None
         mask = self._valid_mask((h, w), down, length, lengths, ys.device)
-        return ys, self._direction_gates(ys, mask, h * w), lengths
+        # without autograd, xs is dead after the scan: reuse its memory (fresh large buffers page-fault)
+        scratch = xs if not torch.is_grad_enabled() and xs.shape == ys.shape and xs.dtype == ys.dtype else None
+        return ys, self._direction_gates(ys, mask, h * w, scratch), lengths
 
     def ssm(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scan, selective-scan, merge, gate, sum and normalise. (B, D, H, W) -> (B, H, W, D) float32-normed.
@@ -318,9 +323,14 @@ class SS2D(nn.Module):
         """``out_norm`` over the channels of a (B, D, L) tensor, without transposing it."""
         norm = self.out_norm
         avg = y.new_full((1, y.shape[1]), 1.0 / y.shape[1])
-        centred = y - torch.matmul(avg, y)
+        if torch.is_grad_enabled():
+            centred = y - torch.matmul(avg, y)
+            rstd = torch.rsqrt(torch.matmul(avg, centred * centred) + norm.eps)
+            return torch.addcmul(norm.bias[:, None], centred * rstd, norm.weight[:, None])
+        # inference: in place, no fresh (B, D, L) buffers besides one for the squares
+        centred = y.sub_(torch.matmul(avg, y))
         rstd = torch.rsqrt(torch.matmul(avg, centred * centred) + norm.eps)
-        return torch.addcmul(norm.bias[:, None], centred * rstd, norm.weight[:, None])
+        return centred.mul_(rstd).mul_(norm.weight[:, None]).add_(norm.bias[:, None])
 
     def _mix_channels_first(self, x: torch.Tensor) -> torch.Tensor:
         """The window-scan mixer computed in (B, D, H*W) layout: (B, H, W, C) -> (B, H, W, C).
@@ -342,7 +352,8 @@ class SS2D(nn.Module):
         z = self.act(z)
         ys, gates, lengths = self._scan_and_gate(xs, None)
         y = self._merge_gated(ys, gates, lengths, (h, w), channels_first=True).reshape(b, d, h * w)
-        y = self._layer_norm_channels_first(y).to(z.dtype) * z
+        y = self._layer_norm_channels_first(y).to(z.dtype)
+        y = y * z if torch.is_grad_enabled() else y.mul_(z)
         out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(b, -1, -1))  # (B, HW, C)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
