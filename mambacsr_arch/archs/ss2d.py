@@ -240,11 +240,13 @@ class SS2D(nn.Module):
         return gate.gate_fn(gate.channel_select(gate.act_fn(gate.global_reduce(pooled))))
 
     def _merge_gated(self, ys: torch.Tensor, gates: torch.Tensor, lengths: Sequence[int],
-                     size: Tuple[int, int], channels_first: bool = False) -> torch.Tensor:
+                     size: Tuple[int, int], channels_first: bool = False,
+                     scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sum over directions of merge(y_k) * gate_k. (B, K, D, L), (B, K, D) -> (B, H, W, D), or
         (B, D, H, W) with ``channels_first`` (window scans only).
 
         Flip partners are summed in the order of their partner first, so one merge serves both.
+        ``scratch``: a dead buffer shaped like ``ys`` to hold the gated window sums.
         """
         out = None
         done = set()
@@ -269,7 +271,7 @@ class SS2D(nn.Module):
             else:
                 if p.flip:
                     base = base.flip(-1)
-                comb = base * g
+                comb = base * g if scratch is None else torch.mul(base, g, out=scratch[:, i, :, :n])
                 if partner is not None:
                     other = ys[:, partner, :, :n]
                     other = other if p.flip else other.flip(-1)
@@ -286,7 +288,8 @@ class SS2D(nn.Module):
     def _scan_and_gate(self, x: torch.Tensor, x_down: Optional[torch.Tensor]):
         """Scan all directions, run the selective scan, compute the direction gates.
 
-        Returns ys (B, K, D, L), gates (B, K, D) and the per-direction lengths."""
+        Returns ys (B, K, D, L), gates (B, K, D), the per-direction lengths and, without autograd, the
+        dead scan-input buffer shaped like ys (else None) for reuse."""
         b, d, h, w = x.shape
         xs, lengths = self._scan_into(x, x_down)
         k, length = xs.shape[1], xs.shape[-1]
@@ -309,14 +312,15 @@ class SS2D(nn.Module):
         mask = self._valid_mask((h, w), down, length, lengths, ys.device)
         # without autograd, xs is dead after the scan: reuse its memory (fresh large buffers page-fault)
         scratch = xs if not torch.is_grad_enabled() and xs.shape == ys.shape and xs.dtype == ys.dtype else None
-        return ys, self._direction_gates(ys, mask, h * w, scratch), lengths
+        gates = self._direction_gates(ys, mask, h * w, scratch)
+        return ys, gates, lengths, scratch
 
     def ssm(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scan, selective-scan, merge, gate, sum and normalise. (B, D, H, W) -> (B, H, W, D) float32-normed.
 
         ``x_down`` (B, D, h, w) is required (and only used) for the cross-scale mixer.
         """
-        ys, gates, lengths = self._scan_and_gate(x, x_down)
+        ys, gates, lengths, _ = self._scan_and_gate(x, x_down)
         return self.out_norm(self._merge_gated(ys, gates, lengths, tuple(x.shape[2:])))
 
     def _layer_norm_channels_first(self, y: torch.Tensor) -> torch.Tensor:
@@ -350,8 +354,9 @@ class SS2D(nn.Module):
         if bias is not None:
             z = z + bias[d:, None]
         z = self.act(z)
-        ys, gates, lengths = self._scan_and_gate(xs, None)
-        y = self._merge_gated(ys, gates, lengths, (h, w), channels_first=True).reshape(b, d, h * w)
+        ys, gates, lengths, scratch = self._scan_and_gate(xs, None)
+        y = self._merge_gated(ys, gates, lengths, (h, w), channels_first=True, scratch=scratch)
+        y = y.reshape(b, d, h * w)
         y = self._layer_norm_channels_first(y).to(z.dtype)
         y = y * z if torch.is_grad_enabled() else y.mul_(z)
         out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(b, -1, -1))  # (B, HW, C)
