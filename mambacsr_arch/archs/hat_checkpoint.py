@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
+
+from .state_dict_report import format_mismatch
 
 _BLOCK_KEY = re.compile(r'^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.')
 _UPSAMPLE_KEY = re.compile(r'^upsample\.(\d+)\.weight$')
@@ -107,29 +109,13 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _preview(keys: Sequence[str], limit: int = 8) -> str:
-    shown = ', '.join(keys[:limit])
-    return shown + (f', ... (+{len(keys) - limit} more)' if len(keys) > limit else '')
-
-
 def describe_mismatch(model_options: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
                       missing: List[str], unexpected: List[str], wrong_shape: List[str]) -> str:
     """One error message: what does not match, and which ``network_g`` options probably differ."""
-    lines = ['HAT: the state dict does not match this model (strict loading).']
-    if missing:
-        lines.append(f'  missing keys ({len(missing)}): {_preview(missing)}')
-    if unexpected:
-        lines.append(f'  unexpected keys ({len(unexpected)}): {_preview(unexpected)}')
-    if wrong_shape:
-        lines.append(f'  shape mismatches ({len(wrong_shape)}): {_preview(wrong_shape)}')
-    hints = []
-    for name, (value, evidence) in infer_hat_options(state_dict).items():
-        if name in model_options and not _same(model_options[name], value):
-            hints.append(f'{name}: model has {model_options[name]!r}, checkpoint has {value!r} (from {evidence})')
-    if hints:
-        lines.append('  likely wrong network_g options (fix them in your option file):')
-        lines.extend(f'    {hint}' for hint in hints)
-    else:
-        lines.append('  no hyper-parameter difference detected: is this a HAT checkpoint, and is '
-                     "path.param_key_g right ('params' or 'params_ema')?")
+    hints = [f'{name}: model has {model_options[name]!r}, checkpoint has {value!r} (from {evidence})'
+             for name, (value, evidence) in infer_hat_options(state_dict).items()
+             if name in model_options and not _same(model_options[name], value)]
+    lines = format_mismatch('HAT: the state dict does not match this model (strict loading).', missing, unexpected,
+                            wrong_shape, hints, 'no hyper-parameter difference detected: is this a HAT checkpoint, '
+                            "and is path.param_key_g right ('params' or 'params_ema')?")
     return '\n'.join(lines)

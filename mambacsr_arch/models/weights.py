@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..archs.state_dict_report import format_mismatch, preview
+
 logger = logging.getLogger('basicsr')
 NO_KEY = (None, '', 'none', 'None', '~')
 
@@ -75,11 +77,6 @@ def select_params(checkpoint: Mapping[str, Any], param_key: Optional[str], sourc
     return cleaned, key_used
 
 
-def _preview(items: List[str], limit: int = 10) -> str:
-    text = ', '.join(items[:limit])
-    return text + (f', ... (+{len(items) - limit} more)' if len(items) > limit else '')
-
-
 def _indices(keys: List[str], pattern: str) -> List[int]:
     found = set()
     for key in keys:
@@ -131,20 +128,10 @@ def describe_mismatch(net: nn.Module, loaded: Mapping[str, torch.Tensor], source
              if k in loaded and tuple(own[k].shape) != tuple(loaded[k].shape)]
     if not (missing or unexpected or wrong):
         return None
-    lines = [f'{source} does not match {type(net).__name__} (strict loading).']
-    if missing:
-        lines.append(f'  missing keys ({len(missing)}): {_preview(missing)}')
-    if unexpected:
-        lines.append(f'  unexpected keys ({len(unexpected)}): {_preview(unexpected)}')
-    if wrong:
-        lines.append(f'  shape mismatches ({len(wrong)}): {_preview(wrong)}')
-    hints = guess_wrong_option(own, loaded)
-    if hints:
-        lines.append('  likely wrong network_g options (fix them in your option file):')
-        lines.extend(f'    {hint}' for hint in hints)
-    else:
-        lines.append("  no hyper-parameter difference detected: is path.param_key_g right ('params', "
-                     "'params_ema' or ~), and is this checkpoint for this architecture?")
+    lines = format_mismatch(f'{source} does not match {type(net).__name__} (strict loading).', missing,
+                            unexpected, wrong, guess_wrong_option(own, loaded),
+                            "no hyper-parameter difference detected: is path.param_key_g right ('params', "
+                            "'params_ema' or ~), and is this checkpoint for this architecture?", limit=10)
     lines.append('  (path.strict_load_g: false loads the matching keys only.)')
     return '\n'.join(lines)
 
@@ -176,9 +163,9 @@ def load_state(net: nn.Module, state: Mapping[str, torch.Tensor], strict: bool =
         filtered[key] = value
     result = net.load_state_dict(filtered, strict=False)
     if result.missing_keys:
-        logger.warning(f'{source}: not in checkpoint (left as initialised): {_preview(result.missing_keys)}')
+        logger.warning(f'{source}: not in checkpoint (left as initialised): {preview(result.missing_keys)}')
     if result.unexpected_keys:
-        logger.warning(f'{source}: ignored keys not in the model: {_preview(result.unexpected_keys)}')
+        logger.warning(f'{source}: ignored keys not in the model: {preview(result.unexpected_keys)}')
 
 
 def load_weights(net: nn.Module, path: Union[str, os.PathLike], param_key: Optional[str] = 'params',
