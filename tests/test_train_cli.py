@@ -67,8 +67,8 @@ def write_yaml(path: str, opt: dict) -> str:
 
 
 def start(args, cwd) -> subprocess.Popen:
-    # NUMBA_NUM_THREADS=1: numba's OpenMP pool shares libgomp with torch and raises torch's thread count when
-    # it starts, so the scan's per-thread partial sums (and their rounding) would depend on the run's history.
+    # One thread everywhere: the runs compared bit for bit must not depend on how many threads torch's own
+    # kernels use (the cpu scan kernel itself is thread-count independent); PASSIVE stops idle spinning.
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1',
                NUMBA_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
     return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
