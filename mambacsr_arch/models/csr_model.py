@@ -237,10 +237,9 @@ class CSRModel(SRModel):
             raise ValueError(f'save_network: {len(nets)} networks but {len(keys)} param keys.')
         save_dict = {}
         for net_, key in zip(nets, keys):
-            state = OrderedDict()
-            for name, tensor in get_bare_model(net_).state_dict().items():
-                state[name[len('module.'):] if name.startswith('module.') else name] = tensor.detach().cpu()
-            save_dict[key] = state
+            # the bare module's keys carry no DDP 'module.' prefix
+            save_dict[key] = OrderedDict((name, tensor.detach().cpu())
+                                         for name, tensor in get_bare_model(net_).state_dict().items())
         atomic_torch_save(save_dict, f"{self.opt['path']['models']}/{net_label}_{label}.pth")
 
     def save(self, epoch: int, current_iter: int) -> None:
