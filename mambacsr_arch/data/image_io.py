@@ -15,13 +15,15 @@ One place that decides what the project does with unusual inputs, shared by the 
 """
 from __future__ import annotations
 
+import errno
 import os
-from typing import List, Optional, Union
+from typing import Iterator, List, Optional, Union
 
 import cv2
 import numpy as np
 
-__all__ = ['ImageReadError', 'IMAGE_EXTENSIONS', 'read_image_bgr8', 'decode_image_bgr8', 'to_bgr8', 'list_image_files']
+__all__ = ['ImageReadError', 'ImageFolderError', 'IMAGE_EXTENSIONS', 'read_image_bgr8', 'decode_image_bgr8', 'to_bgr8',
+           'list_image_files', 'iter_folder_files']
 
 #: File suffixes (lower case) treated as images when scanning folders.
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm')
@@ -109,15 +111,72 @@ def read_image_bgr8(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, mem
     return decode_image_bgr8(path_or_bytes, name or '<bytes>')
 
 
-def list_image_files(folder: Union[str, os.PathLike]) -> List[str]:
-    """Image files directly inside ``folder`` (not recursive, dotfiles skipped), as full paths.
+class ImageFolderError(ValueError):
+    """A folder of images cannot be listed (missing, unreadable, a symbolic-link loop); names the path."""
+
+
+def iter_folder_files(folder: Union[str, os.PathLike], recursive: bool = False) -> Iterator[str]:
+    """Paths of the regular files under ``folder`` (dotfiles skipped), relative to ``folder``.
+
+    The one folder walker of the project (infer, eval, prepare-csr and the datasets list through it).
+    It never follows a symbolic link into a folder it has already entered, and it reports instead of
+    crashing on what ``os.scandir`` would raise deep inside a run:
+
+    * an entry that is a symbolic-link loop or points at nothing (``x.png -> x.png``): skipped only if
+      its name is not an image's (see :data:`IMAGE_EXTENSIONS`), otherwise :class:`ImageFolderError`
+      naming it, since a user who put ``x.png`` there expects it to be used;
+    * a sub-folder link back to an ancestor (``d/loop -> d``), with ``recursive=True``: not entered
+      again (every real folder is walked once);
+    * a missing or unreadable ``folder``: :class:`ImageFolderError` naming it.
+
+    Order is the file system's; callers sort.
+    """
+    root = os.fspath(folder)
+    if not os.path.isdir(root):
+        raise ImageFolderError(f"'{root}' is not a folder (it does not exist, or is a file).")
+    seen = set()
+    pending = ['']
+    while pending:
+        rel_dir = pending.pop()
+        abs_dir = os.path.join(root, rel_dir) if rel_dir else root
+        real = os.path.realpath(abs_dir)
+        if real in seen:
+            continue  # a link back to a folder already walked (a loop, or a second way in)
+        seen.add(real)
+        try:
+            entries = list(os.scandir(abs_dir))
+        except OSError as err:
+            raise ImageFolderError(f"cannot list folder '{abs_dir}': {err.strerror or err}.") from err
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith('.'):
+                continue
+            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+            try:
+                is_dir = entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+                if not is_dir and not is_file and entry.is_symlink():
+                    os.stat(entry.path)  # dangling link: FileNotFoundError; loop: ELOOP
+            except OSError as err:
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    kind = 'a symbolic-link loop' if err.errno == errno.ELOOP else 'a broken symbolic link'
+                    raise ImageFolderError(f"'{entry.path}' is {kind} ({err.strerror or err}): fix or remove "
+                                           'it.') from err
+                continue
+            if is_dir:
+                if recursive:
+                    pending.append(rel)
+            elif is_file:
+                yield rel
+
+
+def list_image_files(folder: Union[str, os.PathLike], recursive: bool = False) -> List[str]:
+    """Image files inside ``folder`` (dotfiles skipped), as full paths; see :func:`iter_folder_files`.
 
     Only names ending in one of :data:`IMAGE_EXTENSIONS` (any case) are kept. Sorted by stem, then
-    name, so the order is the same on every file system and matches sorted LMDB keys.
+    name, so the order is the same on every file system and matches sorted LMDB keys. Raises
+    :class:`ImageFolderError` for a missing folder or an image name that is a broken link / link loop.
     """
-    from basicsr.utils import scandir  # BasicSR's scanner: skips dotfiles, e.g. our in-progress temp files
-
     folder = os.fspath(folder)
-    names = [n for n in scandir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    names = [n for n in iter_folder_files(folder, recursive) if n.lower().endswith(IMAGE_EXTENSIONS)]
     names.sort(key=lambda n: (os.path.splitext(n)[0], n))
     return [os.path.join(folder, n) for n in names]
