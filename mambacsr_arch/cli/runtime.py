@@ -21,7 +21,7 @@ import logging
 import os
 import os.path as osp
 import subprocess
-import warnings
+import sys
 from importlib import metadata
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -32,24 +32,32 @@ PLUGIN_GROUP = 'basicsr.plugins'
 
 
 def load_plugins() -> List[str]:
-    """Import this package and every installed plugin registered under ``basicsr.plugins``.
+    """Import every other installed ``basicsr.plugins`` entry point (this package is already imported).
 
-    Returns the names of the entry points loaded. A plugin that fails to import is reported
-    with a warning naming it (one broken plugin must not block training with the others).
+    The result is the same as loading the others first: a package that owns a bare registry name (the
+    official ``hat`` package's ``HAT``, a BasicSR fork) gets it even when it registers after us, and ours
+    stays reachable as ``mambacsr_arch.<Name>`` (see :mod:`mambacsr_arch.registry`). A plugin that fails
+    to import does not stop the command (one broken package must not block training with the others),
+    but it is reported loudly on stderr, naming the package and the exception, because the names it
+    would have registered may now resolve to our classes. Returns the names of the entry points loaded.
     """
-    import mambacsr_arch  # noqa: F401  (registers our archs, datasets, models)
-
     loaded = []
     try:
         entry_points = metadata.entry_points(group=PLUGIN_GROUP)
     except TypeError:  # Python < 3.10
         entry_points = metadata.entry_points().get(PLUGIN_GROUP, [])
     for entry_point in entry_points:
+        if entry_point.value.split(':')[0].split('.')[0] == 'mambacsr_arch':
+            loaded.append(entry_point.name)  # ours: imported with this module
+            continue
         try:
             entry_point.load()
         except Exception as err:  # noqa: BLE001 - any plugin error is reported, never hidden
-            warnings.warn(f"basicsr plugin '{entry_point.name}' ({entry_point.value}) failed to import: "
-                          f'{type(err).__name__}: {err}')
+            message = (f"basicsr plugin '{entry_point.name}' ({entry_point.value}) failed to import: "
+                       f'{type(err).__name__}: {err}. Its archs/datasets/models are NOT registered; a type: '
+                       f'name it provides may now resolve to another package (mambacsr_arch registers HAT, '
+                       f'MambaCSR, HATModel, MambaCSRModel, JPEGDegradedPairedDataset). Fix or uninstall it.')
+            print(f'basicsr: WARNING: {message}', file=sys.stderr, flush=True)
             continue
         loaded.append(entry_point.name)
     return loaded
