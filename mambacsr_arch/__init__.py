@@ -18,7 +18,20 @@ each also as ``mambacsr_arch.<Name>``. Module tree::
       cli/        `basicsr train|test|infer|eval|prepare-csr|env`
 
 Nothing here imports ``mamba_ssm`` or initialises CUDA at import time.
+
+Threads: unless the environment already sets it, ``OMP_WAIT_POLICY`` is set to ``PASSIVE`` here,
+before torch is imported (the ``basicsr`` console script and ``import mambacsr_arch`` as the first
+import get it; OpenMP reads it once, when torch loads). With the default (spinning) policy,
+torch's idle OpenMP threads busy-wait on the cores our CPU scan's thread pool needs: one other busy
+process on a 2-core machine then made a MambaCSR training step about 9x slower (10.7 s vs 1.2 s).
+``benchmarks/bench_contention.py`` measures it. Set ``OMP_WAIT_POLICY=ACTIVE`` to opt out.
 """
+import os as _os
+import sys as _sys
+
+if 'torch' not in _sys.modules:
+    _os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 from . import _compat
 from .version import __version__
 
