@@ -140,3 +140,16 @@ def test_training_state_with_counter_loads_weights_only(tmp_path):
     torch.save(state, path)
     loaded = torch.load(path, weights_only=True)
     assert loaded['schedulers'][0]['milestones'] == collections.Counter([3, 5])
+
+
+@pytest.mark.parametrize('preset, expected', [(None, 'PASSIVE'), ('ACTIVE', 'ACTIVE')])
+def test_import_sets_a_passive_omp_wait_policy_unless_the_user_chose_one(preset, expected):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
+    if preset:
+        env['OMP_WAIT_POLICY'] = preset
+    proc = subprocess.run([sys.executable, '-c', 'import os, mambacsr_arch; print(os.environ["OMP_WAIT_POLICY"])'],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == expected
