@@ -8,7 +8,9 @@ BasicSR would fail or ignore an option:
   ``LOCAL_RANK`` instead of ``RANK % num_gpus`` (which is wrong on multi-node jobs).
 * ``load_resume_state``: BasicSR maps the state with ``torch.cuda.current_device()``, which
   raises on CPU; we map to the process's device. It also reads states from ``./experiments``
-  even when ``path.experiments_root`` says otherwise; we read ``path.training_states``.
+  even when ``path.experiments_root`` says otherwise; we read ``path.training_states``. With
+  ``--auto_resume`` an unusable (e.g. truncated) newest state is skipped with a warning naming it
+  and the previous one used; stale temporary files of killed saves are removed at start-up.
 * ``BaseModel.model_to_device``: BasicSR always passes ``device_ids=[cuda device]`` to DDP;
   we use :func:`mambacsr_arch.models.distributed.model_to_device` (CPU DDP without ids).
 * ``parse_options``: honours ``path.experiments_root`` / ``path.results_root`` (as BasicSR
@@ -110,37 +112,128 @@ def _export_slurm_env(port: Optional[int]) -> int:
     return local_rank
 
 
-def find_latest_state(training_states_dir: str) -> Optional[str]:
-    """Path of the highest-iteration ``<iter>.state`` in a folder, or None.
+def list_states(training_states_dir: str) -> List[str]:
+    """Paths of the ``<iter>.state`` files in a folder, newest first.
 
     Only names that are exactly an integer plus ``.state`` count, so temporary files written
     by an interrupted save are never picked.
     """
-    if not osp.isdir(training_states_dir):
-        return None
-    iters = []
-    for name in os.listdir(training_states_dir):
-        stem, ext = osp.splitext(name)
-        if ext == '.state' and stem.isdigit():
-            iters.append(int(stem))
-    return osp.join(training_states_dir, f'{max(iters)}.state') if iters else None
+    from mambacsr_arch.models.checkpoint_io import saved_iterations
+
+    return [osp.join(training_states_dir, f'{it}.state') for it in saved_iterations(training_states_dir, '', '.state')]
+
+
+def find_latest_state(training_states_dir: str) -> Optional[str]:
+    """Path of the highest-iteration ``<iter>.state`` in a folder, or None (see :func:`list_states`)."""
+    states = list_states(training_states_dir)
+    return states[0] if states else None
+
+
+class UnusableStateError(RuntimeError):
+    """A training state that cannot be resumed from: unreadable, not a state, or its networks are missing."""
+
+
+def read_training_state(opt: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """Load ``path`` onto this process's device and check the network files a resume needs exist."""
+    from mambacsr_arch.models.checkpoint_io import network_files
+
+    try:
+        state = torch.load(path, map_location=process_device(), weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, I/O error: all make the file unusable
+        raise UnusableStateError(f"training state '{path}' cannot be loaded, it is truncated or corrupt "
+                                 f'({type(err).__name__}: {str(err).strip()})') from err
+    lacking = [key for key in ('iter', 'epoch', 'optimizers', 'schedulers')
+               if not isinstance(state, dict) or key not in state]
+    if lacking:
+        raise UnusableStateError(f"training state '{path}' is not a BasicSR training state (no {lacking})")
+    missing = [f for f in network_files(opt, int(state['iter'])) if not osp.isfile(f)]
+    if missing:
+        raise UnusableStateError(f"training state '{path}' has no network file to go with it ({missing} "
+                                 f'missing)')
+    return state
+
+
+def _warn_rank0(opt: Dict[str, Any], message: str) -> None:
+    # called before BasicSR sets up its log file: warnings still reach stderr (logging's last-resort handler)
+    if int(opt.get('rank', 0)) == 0:
+        logger.warning(message)
+
+
+def _auto_resume_state(opt: Dict[str, Any]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """Newest usable state: each unusable one is reported and the previous one tried."""
+    states_dir = opt['path']['training_states']
+    candidates = list_states(states_dir)
+    problems = []
+    for path in candidates:
+        try:
+            state = read_training_state(opt, path)
+        except UnusableStateError as err:
+            problems.append(str(err))
+            _warn_rank0(opt, f'--auto_resume: skipping {err}; trying the previous state.')
+            continue
+        explicit = opt['path'].get('resume_state')
+        if explicit and osp.abspath(explicit) != osp.abspath(path):
+            _warn_rank0(opt, f"--auto_resume resumes from the newest usable state '{path}'; path.resume_state "
+                             f"('{explicit}') is ignored. Run without --auto_resume to resume from it.")
+        return path, state
+    if problems:
+        raise RuntimeError(f'--auto_resume: none of the {len(candidates)} training states in {states_dir} can be '
+                           f'used:\n  ' + '\n  '.join(problems) + '\nRestore or remove them, or set '
+                           f'path.resume_state to a good state, or start a new run without --auto_resume.')
+    return None, None
+
+
+def _explicit_state(opt: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """The state path.resume_state names; one clear error if it cannot be used."""
+    states_dir = opt['path'].get('training_states')
+    available = list_states(states_dir) if states_dir else []
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"path.resume_state: training state '{path}' does not exist "
+                                f'(states in {states_dir}: {available or "none"}).')
+    try:
+        state = read_training_state(opt, path)
+    except UnusableStateError as err:
+        others = [p for p in available if osp.abspath(p) != osp.abspath(path)]
+        raise UnusableStateError(f'path.resume_state: {err}. Point path.resume_state at another state '
+                                 f'({others or "none in " + str(states_dir)}), or use --auto_resume to take '
+                                 f'the newest usable one.') from err
+    if states_dir and osp.dirname(osp.abspath(path)) == osp.abspath(states_dir):
+        newer = [p for p in available if int(osp.basename(p)[:-len('.state')]) > int(state['iter'])]
+        if newer:
+            _warn_rank0(opt, f'Resuming from iteration {state["iter"]} while newer states exist ({newer}): this '
+                             f'run replaces them and their network files as it passes those iterations. Copy '
+                             f'them elsewhere first if you want to keep them.')
+    return state
 
 
 def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """Replacement for ``basicsr.train.load_resume_state`` that works on CPU."""
+    """Replacement for ``basicsr.train.load_resume_state``.
+
+    BasicSR 1.4.2 maps the state onto ``torch.cuda.current_device()`` (fails on CPU), reads
+    ``./experiments`` whatever ``path.experiments_root`` says, and with ``--auto_resume`` crashes on
+    a truncated newest state with a zip error that does not name it. Here: states go to the
+    process's device; ``--auto_resume`` takes the newest *usable* state (each unusable one is
+    logged with its reason and the previous one tried); an unusable ``path.resume_state`` is one
+    error naming it. First, rank 0 removes temporary files left by saves of killed runs.
+    """
     from basicsr.utils import check_resume
 
+    from mambacsr_arch.models.checkpoint_io import remove_stale_temp_files
+
+    if int(opt.get('rank', 0)) == 0:
+        for key in ('models', 'training_states'):
+            if opt['path'].get(key):
+                remove_stale_temp_files(opt['path'][key])
     if opt.get('auto_resume'):
-        resume_state_path = find_latest_state(opt['path']['training_states'])
-        if resume_state_path is not None:
-            opt['path']['resume_state'] = resume_state_path
+        resume_state_path, resume_state = _auto_resume_state(opt)
+        if resume_state_path is None:
+            return None
+        opt['path']['resume_state'] = resume_state_path
     else:
         resume_state_path = opt['path'].get('resume_state')
-    if not resume_state_path:
-        return None
-    if not osp.isfile(resume_state_path):
-        raise FileNotFoundError(f"path.resume_state: training state '{resume_state_path}' does not exist.")
-    resume_state = torch.load(resume_state_path, map_location=process_device(), weights_only=True)
+        if not resume_state_path:
+            return None
+        resume_state = _explicit_state(opt, resume_state_path)
     check_resume(opt, resume_state['iter'])
     return resume_state
 
@@ -162,18 +255,39 @@ def _override_roots(opt: Dict[str, Any], raw_path: Dict[str, Any], is_train: boo
 
 
 def wrap_parse_options(parse_options: Callable) -> Callable:
-    """Wrap BasicSR's ``parse_options`` to honour explicit result/experiment roots."""
+    """Wrap BasicSR's ``parse_options``: validated options, explicit result/experiment roots.
+
+    While BasicSR reads the YAML, list-valued dataroots are normalised (BasicSR crashes on them);
+    on the parsed dict (``--force_yml`` applied) :func:`mambacsr_arch.cli.option_checks.check_options`
+    runs, so a bad option file fails with one :class:`~mambacsr_arch.cli.option_checks.OptionError`
+    before any dataset or network is built.
+    """
     import yaml
+
+    from mambacsr_arch.cli import option_checks
 
     if getattr(parse_options, '_mambacsr_wrapped', False):
         return parse_options
 
     @functools.wraps(parse_options)
     def wrapped(root_path: str, is_train: bool = True) -> Tuple[Dict[str, Any], Any]:
-        opt, args = parse_options(root_path, is_train=is_train)
+        notes: List[str] = []
+        try:
+            with option_checks.normalizing_yaml(notes):
+                opt, args = parse_options(root_path, is_train=is_train)
+        except yaml.YAMLError as err:
+            raise option_checks.OptionError(f'the option file is not valid YAML: {err}') from err
+        except FileNotFoundError as err:
+            if err.filename is None or osp.exists(err.filename):
+                raise
+            raise option_checks.OptionError(f"option file '{err.filename}' does not exist (-opt).") from err
         with open(args.opt, encoding='utf-8') as f:
             raw = yaml.safe_load(f) or {}
         _override_roots(opt, raw.get('path') or {}, is_train)
+        command = 'train' if is_train else 'test'
+        notes += option_checks.check_options(opt, command, f"option file '{args.opt}'")
+        if int(opt.get('rank', 0)) == 0:
+            option_checks.print_notes(command, notes)
         return opt, args
 
     wrapped._mambacsr_wrapped = True
@@ -183,6 +297,32 @@ def wrap_parse_options(parse_options: Callable) -> Callable:
 def normalize_argv(argv: List[str]) -> List[str]:
     """Accept ``--local-rank`` (torch.distributed.launch >= 2.0) as BasicSR's ``--local_rank``."""
     return [a.replace('--local-rank', '--local_rank', 1) if a.startswith('--local-rank') else a for a in argv]
+
+
+def patch_datasets() -> None:
+    """Dataset fixes for BasicSR's own datasets, as our ``JPEGDegradedPairedDataset`` already has them (idempotent).
+
+    * ``PairedImageDataset``'s folder and meta-info pairing: BasicSR pairs ``gt/x.png`` only with
+      ``lq/x.png`` (same extension), so the authors' ``HR/*.png`` + ``LR_q10/*.jpg`` test sets stop
+      with ``AssertionError``; we pair by stem (:mod:`mambacsr_arch.data.pairing`). Its lmdb branch is
+      BasicSR's, unchanged.
+    * ``FileClient``'s lmdb backend: BasicSR opens a private environment per client, which fails for a
+      second dataset over one LMDB in a process; ours shares one (:mod:`mambacsr_arch.data.shared_lmdb`).
+    * ``build_dataset`` in BasicSR's train and test pipelines: every val/test dataset is checked against
+      ``scale`` when it is built, before the first training iteration (:mod:`mambacsr_arch.data.checks`).
+    """
+    import basicsr.data.paired_image_dataset as paired_image_dataset
+    import basicsr.test as basicsr_test
+    import basicsr.train as basicsr_train
+    from basicsr.utils.file_client import FileClient
+
+    from mambacsr_arch.data import checks, pairing, shared_lmdb
+
+    paired_image_dataset.paired_paths_from_folder = pairing.paired_paths_from_folder
+    paired_image_dataset.paired_paths_from_meta_info_file = pairing.paired_paths_from_meta_info_file
+    FileClient._backends['lmdb'] = shared_lmdb.SharedLmdbBackend
+    basicsr_train.build_dataset = checks.wrap_build_dataset(basicsr_train.build_dataset)
+    basicsr_test.build_dataset = checks.wrap_build_dataset(basicsr_test.build_dataset)
 
 
 def patch_basicsr() -> None:
@@ -201,3 +341,4 @@ def patch_basicsr() -> None:
     basicsr_train.parse_options = wrap_parse_options(basicsr_train.parse_options)
     basicsr_test.parse_options = wrap_parse_options(basicsr_test.parse_options)
     BaseModel.model_to_device = model_to_device
+    patch_datasets()

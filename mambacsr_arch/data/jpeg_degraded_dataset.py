@@ -9,8 +9,11 @@ Two modes, chosen by whether ``dataroot_lq`` is set:
   ``worker_init_fn``). Validation/test: the whole mod-cropped image, quality
   ``qualities[index % len(qualities)]`` -- the same LQ every epoch, run and worker count.
   Samples also carry ``jpeg_quality`` (int).
-* **pre-generated pairs** (``dataroot_lq`` set): the pairing rules of BasicSR's
-  ``PairedImageDataset`` (``filename_tmpl``, ``meta_info_file``, lmdb) with robust decoding.
+* **pre-generated pairs** (``dataroot_lq`` set): BasicSR's ``PairedImageDataset`` options
+  (``filename_tmpl``, ``meta_info_file``, lmdb), with LQ files paired by stem whatever their
+  image extension (:mod:`mambacsr_arch.data.pairing`: ``HR/coffee.png`` + ``LR_q10/coffee.jpg``,
+  ``0801.png`` + ``0801x4.jpg``) and robust decoding. Each LQ must be the mod-cropped GT divided
+  by ``scale`` (``lq = gt // scale`` per side).
 
 Options (YAML, BasicSR style)::
 
@@ -30,7 +33,8 @@ Options (YAML, BasicSR style)::
     strict_options: bool      # unknown keys: error (default true) or only a warning (false)
 
 Images are decoded with :func:`~mambacsr_arch.data.image_io.read_image_bgr8` (grayscale -> 3
-channels, alpha dropped, 16-bit scaled); anything unreadable raises an error naming the file.
+channels, alpha dropped, 16-bit scaled); anything unreadable raises an error naming the file. With ``io_backend: lmdb`` every dataset of
+the process reading one database shares one environment (:mod:`mambacsr_arch.data.shared_lmdb`).
 """
 from __future__ import annotations
 
@@ -41,17 +45,19 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from basicsr.data.data_util import (paired_paths_from_folder, paired_paths_from_lmdb,
-                                    paired_paths_from_meta_info_file, paths_from_lmdb)
+from basicsr.data.data_util import paired_paths_from_lmdb, paths_from_lmdb
 from basicsr.data.transforms import augment, paired_random_crop
-from basicsr.utils import FileClient, bgr2ycbcr, img2tensor
+from basicsr.utils import bgr2ycbcr, img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
 from ..registry import registers
+from .checks import pair_size_problem
 from .degradations import DOWNSAMPLE_METHODS, check_quality, degrade_csr, uint8_to_float
-from .image_io import ImageReadError, decode_image_bgr8, list_image_files
+from .image_io import ImageFolderError, ImageReadError, decode_image_bgr8, list_image_files, read_image_bgr8
+from .pairing import PairingError, paired_paths_from_folder, paired_paths_from_meta_info_file
+from .shared_lmdb import SharedLmdbBackend
 
 __all__ = ['JPEGDegradedPairedDataset', 'parse_quality_spec']
 
@@ -157,7 +163,7 @@ class JPEGDegradedPairedDataset(data.Dataset):
         self.gt_folder = self._existing_root('dataroot_gt')
         self.lq_folder = self._existing_root('dataroot_lq') if opt.get('dataroot_lq') is not None else None
         self.on_the_fly = self.lq_folder is None
-        self.file_client = None
+        self.lmdb: Optional[SharedLmdbBackend] = None
         if self.on_the_fly:
             self.qualities = parse_quality_spec(opt, self.where)
             self.downsample = opt.get('downsample', 'matlab_bicubic')
@@ -217,31 +223,26 @@ class JPEGDegradedPairedDataset(data.Dataset):
                 if not osp.isfile(self.opt['meta_info_file']):
                     raise FileNotFoundError(f"meta_info_file {self.opt['meta_info_file']!r} does not exist")
                 return paired_paths_from_meta_info_file(folders, keys, self.opt['meta_info_file'], tmpl)
-            return sorted(paired_paths_from_folder(folders, keys, tmpl), key=lambda p: p['gt_path'])
-        except (AssertionError, ValueError, FileNotFoundError) as err:
+            return paired_paths_from_folder(folders, keys, tmpl)
+        except (PairingError, ImageFolderError, ValueError, FileNotFoundError) as err:
             raise ValueError(f'{self.where}: cannot pair dataroot_lq {self.lq_folder!r} with dataroot_gt '
                              f'{self.gt_folder!r}: {err}') from err
 
     # ---------------------------------------------------------------- reading
     def _read(self, path: str, client_key: str) -> np.ndarray:
         """uint8 BGR (H, W, 3) from the disk path or LMDB key ``path``."""
-        if self.file_client is None:
+        if self.backend != 'lmdb':
+            return read_image_bgr8(path)
+        if self.lmdb is None:
             backend_opt = dict(self.io_backend_opt)
-            self.file_client = FileClient(backend_opt.pop('type', 'disk'), **backend_opt)
-        if self.backend == 'lmdb':
-            db = self.gt_folder if client_key == 'gt' else self.lq_folder
-            name = f'{db}:{path}'
-            content = self.file_client.get(path, client_key)
-            if content is None:
-                raise ImageReadError(f"{name}: LMDB {db!r} has no key {path!r} (listed in its meta_info.txt); "
-                                     'rebuild the LMDB.')
-        else:
-            name = path
-            try:
-                content = self.file_client.get(path, client_key)
-            except OSError as err:
-                raise ImageReadError(f'{path}: cannot read file ({err.strerror or err}).') from err
-        return decode_image_bgr8(content, name)
+            backend_opt.pop('type', None)
+            self.lmdb = SharedLmdbBackend(**backend_opt)
+        db = self.gt_folder if client_key == 'gt' else self.lq_folder
+        content = self.lmdb.get(path, client_key)
+        if content is None:
+            raise ImageReadError(f"{db}:{path}: LMDB {db!r} has no key {path!r} (listed in its meta_info.txt); "
+                                 'rebuild the LMDB.')
+        return decode_image_bgr8(content, f'{db}:{path}')
 
     def quality_for_index(self, index: int) -> int:
         """The JPEG quality of sample ``index``: random per call when training, fixed otherwise."""
@@ -276,10 +277,10 @@ class JPEGDegradedPairedDataset(data.Dataset):
         gt = uint8_to_float(self._read(gt_path, 'gt'))
         lq = uint8_to_float(self._read(lq_path, 'lq'))
         scale = self.scale
-        (h_lq, w_lq), (h_gt, w_gt) = lq.shape[:2], gt.shape[:2]
-        if h_gt < h_lq * scale or w_gt < w_lq * scale:
-            raise ValueError(f'{gt_path}: GT is {h_gt}x{w_gt} but its LQ {lq_path} is {h_lq}x{w_lq}; at scale '
-                             f'{scale} the GT must be at least {h_lq * scale}x{w_lq * scale}.')
+        h_lq, w_lq = lq.shape[:2]
+        problem = pair_size_problem(gt.shape[:2], (h_lq, w_lq), scale)
+        if problem is not None:
+            raise ValueError(f'{gt_path} with LQ {lq_path}: {problem}; fix the pair or the scale option.')
         if self.phase == 'train':
             lq_size = self.gt_size // scale
             if h_lq < lq_size or w_lq < lq_size:
