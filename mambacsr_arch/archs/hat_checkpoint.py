@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
-from .state_dict_report import format_mismatch
+from .state_dict_report import foreign_checkpoint, format_mismatch
 
 _BLOCK_KEY = re.compile(r'^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.')
 _UPSAMPLE_KEY = re.compile(r'^upsample\.(\d+)\.weight$')
@@ -111,7 +111,15 @@ def _same(a: Any, b: Any) -> bool:
 
 def describe_mismatch(model_options: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
                       missing: List[str], unexpected: List[str], wrong_shape: List[str]) -> str:
-    """One error message: what does not match, and which ``network_g`` options probably differ."""
+    """One error message: what does not match, and which ``network_g`` options probably differ.
+
+    A checkpoint of another architecture (e.g. MambaCSR) is said to be one, without option hints.
+    """
+    foreign = foreign_checkpoint('HAT', state_dict)
+    if foreign:
+        lines = format_mismatch(f'HAT: the state dict does not match this model: {foreign}', missing, unexpected,
+                                wrong_shape, [], '(the keys differ because the architectures differ.)')
+        return '\n'.join(lines)
     hints = [f'{name}: model has {model_options[name]!r}, checkpoint has {value!r} (from {evidence})'
              for name, (value, evidence) in infer_hat_options(state_dict).items()
              if name in model_options and not _same(model_options[name], value)]

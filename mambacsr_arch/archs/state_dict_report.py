@@ -1,7 +1,7 @@
 """One format for "this checkpoint does not match this network" errors (archs and models share it)."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 
 def preview(keys: Sequence[str], limit: int = 8) -> str:
@@ -28,3 +28,38 @@ def format_mismatch(header: str, missing: Sequence[str], unexpected: Sequence[st
     else:
         lines.append(f'  {no_hint}')
     return lines
+
+
+# Key fragments found in one architecture's state dicts only, tried in this order (HAT's blocks also
+# carry SwinIR's attention tables; MambaIR's SS2D lacks MambaCSR's direction gates ``multi_scan.attn``).
+# Not HAT's relative_position_index_* buffers: HAT.load_state_dict adds them to any state dict it is given.
+_ARCH_MARKERS = (
+    ('HAT', ('.overlap_attn.', )),
+    ('MambaCSR', ('.multi_scan.attn.', 'layers3.')),
+    ('MambaIR', ('.self_attention.A_logs', '.self_attention.x_proj_weight')),
+    ('SwinIR', ('.attn.relative_position_bias_table', )),
+)
+
+
+def checkpoint_arch(keys: Iterable[str]) -> Optional[Tuple[str, str]]:
+    """``(arch, evidence key)`` when the state-dict key names are unmistakably one architecture's, else None."""
+    keys = list(keys)
+    for arch, fragments in _ARCH_MARKERS:
+        for key in keys:
+            if any(fragment in key for fragment in fragments):
+                return arch, key
+    return None
+
+
+def foreign_checkpoint(model_arch: str, keys: Iterable[str]) -> Optional[str]:
+    """One sentence when the checkpoint belongs to another architecture than ``model_arch``, else None.
+
+    Key-by-key hyper-parameter hints are meaningless then (a HAT checkpoint "implies" a
+    MambaCSR ``compress_ratio``); callers say this instead.
+    """
+    found = checkpoint_arch(keys)
+    if found is None or found[0] == model_arch:
+        return None
+    arch, evidence = found
+    return (f"this is a {arch} checkpoint (it has '{evidence}'), not a {model_arch} one: set network_g.type: "
+            f'{arch} with the options it was trained with, or load a {model_arch} checkpoint.')
