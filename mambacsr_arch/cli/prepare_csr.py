@@ -7,8 +7,10 @@ Example (DIV2K, the official sub-image recipe, four qualities, LMDBs)::
 
 Exit status: 0 all inputs done (or already done); 1 some inputs could not be read (they are
 listed on stderr and in manifest.json; every other output is complete, re-run to retry them);
-2 unusable options or folders (nothing written); 130 interrupted (re-run to resume).
-The layout and the resume rules are documented in :mod:`mambacsr_arch.data.prepare`.
+2 unusable options or folders (nothing written: e.g. --out would write into --gt, a link loop in
+--gt, an --out holding images prepare-csr did not make); 130 interrupted (re-run to resume).
+The layout, the resume rules and the content checks (sources by SHA-256, LMDBs re-checked before
+reuse) are documented in :mod:`mambacsr_arch.data.prepare`.
 """
 from __future__ import annotations
 
@@ -58,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
           f'{len(result.failed)} failed.')
     for folder, count in result.folders.items():
         print(f'  {folder}: {count} files')
+    if result.regenerated:
+        print(f'  {len(result.regenerated)} sources changed since their outputs were made; all their outputs were '
+              f'remade: {", ".join(result.regenerated[:5])}{" ..." if len(result.regenerated) > 5 else ""}')
     for path in result.lmdbs:
-        print(f'  lmdb: {path}')
+        note = ' (rebuilt: its PNGs or their sources changed)' if path in result.lmdbs_rebuilt else ''
+        print(f'  lmdb: {path}{note}')
     if result.no_subimages:
         print(f'  {len(result.no_subimages)} images smaller than --crop have no sub-images: '
               f'{", ".join(result.no_subimages[:5])}{" ..." if len(result.no_subimages) > 5 else ""}')

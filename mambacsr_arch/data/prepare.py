@@ -23,11 +23,36 @@ skips it. A corrupt input is reported, listed in the manifest and skipped; the o
 Re-running with a different scale, downsample or crop/step/thresh into the same ``out`` is refused
 (new qualities and new source images are fine). Do not run two instances on one ``out`` at once:
 each removes the other's in-progress temporaries on start.
+
+Content checks (nothing prepared is reused on the strength of its name alone):
+
+* sources: the manifest records the size and SHA-256 of every source file (``sources``), written
+  before any output of the run exists. Hashing was chosen over size + mtime because a source
+  replaced by a copy that keeps its timestamp (``cp -p``, ``rsync -a``, an unpacked archive) would
+  pass an mtime check. On every run each source is hashed again; when it differs from the record
+  (or outputs exist that no record vouches for, e.g. from an older version of this tool), all of
+  that image's outputs, in every ``GT``/``LQ_q<Q>`` folder and their ``_sub`` folders, are removed
+  and remade from the new content (listed in ``regenerated``). A worker hashes the bytes it decodes,
+  so a file changed during the run is reported, not half-used. Outputs of sources that left the
+  folder are kept.
+* LMDBs: ``<folder>.lmdb/prepare_csr.json`` records, per key, the size and ``mtime_ns`` of the PNG
+  it was built from and the SHA-256 of that PNG's source. The LMDB is reused only when all of these
+  still match (our PNGs are only ever replaced by a rename, which gives a new mtime); otherwise it
+  is rebuilt (listed in ``lmdbs_rebuilt``). LMDBs without that record are rebuilt.
+
+Folders: prepare-csr never writes into its source. ``--out`` equal to ``--gt``, or an ``--out``
+where one of the output folders (``GT``, ``LQ_q<Q>``, ``*_sub``, ``*.lmdb``) is the ``--gt`` folder
+(``--gt X/GT --out X``), is refused before anything is written, as is an ``--out`` whose output
+folders hold files but no ``manifest.json`` (not made by prepare-csr; they would otherwise be
+mistaken for prepared data). An ``--out`` inside ``--gt`` is fine: the source listing is not
+recursive. A broken link or link loop named like an image in ``--gt`` is a :class:`PrepareError`.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
+import hashlib
 import json
 import multiprocessing
 import os
@@ -41,12 +66,16 @@ import cv2
 import numpy as np
 
 from .degradations import DOWNSAMPLE_METHODS, check_quality, degrade_csr, mod_crop
-from .image_io import ImageReadError, list_image_files, read_image_bgr8
+from .image_io import ImageFolderError, ImageReadError, decode_image_bgr8, list_image_files
 
 __all__ = ['PrepareError', 'PrepareConfig', 'PrepareResult', 'prepare_csr', 'subimage_grid', 'libjpeg_version']
 
 PNG_COMPRESSION = 3  # as BasicSR's extract_subimages; lossless either way
 _COMPARED_OPTIONS = ('scale', 'downsample', 'crop', 'step', 'thresh')
+_OUTPUT_FOLDER = re.compile(r'^(GT|LQ_q\d+)(_sub)?$')  # the image folders prepare-csr writes in --out
+_OUTPUT_ENTRY = re.compile(r'^(GT|LQ_q\d+)(_sub)?(\.lmdb)?$', re.IGNORECASE)  # ... and their LMDBs, any case
+_SUB_SUFFIX = re.compile(r'_s\d{3,}$')  # <stem>_s001: a sub-image key -> its image's stem
+LMDB_RECORD = 'prepare_csr.json'  # in each <folder>.lmdb: what the LMDB was built from
 
 
 class PrepareError(ValueError):
@@ -80,6 +109,8 @@ class PrepareResult:
     folders: Dict[str, int] = field(default_factory=dict)
     lmdbs: List[str] = field(default_factory=list)
     manifest: str = ''
+    regenerated: List[str] = field(default_factory=list)  # sources whose content changed: outputs remade
+    lmdbs_rebuilt: List[str] = field(default_factory=list)  # existing LMDBs that no longer matched their PNGs
 
     @property
     def ok(self) -> bool:
@@ -134,16 +165,24 @@ def _write_with_subs(img: np.ndarray, folder: str, stem: str, grid: List[Tuple[i
     return len(grid) + 1
 
 
-def _process_one(task: Tuple[str, str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Worker: all outputs of one source image. Returns ``{'stem', 'status', ...}``; never raises for bad input."""
-    src, stem, cfg = task
+def _process_one(task: Tuple[str, str, str, Sequence[int], Dict[str, Any]]) -> Dict[str, Any]:
+    """Worker: the missing outputs of one source image (GT and the LQ of ``qualities``).
+
+    ``digest`` is the source's SHA-256 recorded in the manifest before the run; the bytes decoded
+    here must still have it. Returns ``{'stem', 'status', ...}``; never raises for bad input.
+    """
+    src, stem, digest, qualities, cfg = task
     out, scale, crop = cfg['out_dir'], cfg['scale'], cfg['crop']
-    todo_q = [q for q in cfg['qualities'] if not osp.exists(osp.join(out, f'LQ_q{q}', f'{stem}.png'))]
+    todo_q = [q for q in qualities if not osp.exists(osp.join(out, f'LQ_q{q}', f'{stem}.png'))]
     todo_gt = not osp.exists(osp.join(out, 'GT', f'{stem}.png'))
     if not todo_q and not todo_gt:
         return {'stem': stem, 'status': 'skipped'}
     try:
-        gt = mod_crop(read_image_bgr8(src), scale)
+        content = _read_bytes(src)
+        if hashlib.sha256(content).hexdigest() != digest:
+            raise ImageReadError(f'{src}: changed while prepare-csr was running (its SHA-256 differs from the '
+                                 'one recorded at the start); run the same command again.')
+        gt = mod_crop(decode_image_bgr8(content, src), scale)
     except ImageReadError as err:
         return {'stem': stem, 'status': 'failed', 'file': src, 'error': str(err)}
     if gt.shape[0] == 0 or gt.shape[1] == 0:
@@ -158,6 +197,47 @@ def _process_one(task: Tuple[str, str, Dict[str, Any]]) -> Dict[str, Any]:
     return {'stem': stem, 'status': 'written', 'files': files, 'no_subimages': bool(crop) and not grid}
 
 
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as err:
+        raise ImageReadError(f'{path}: cannot read file ({err.strerror or err}).') from err
+
+
+def _fingerprint(path: str) -> Dict[str, Any]:
+    """``{'size', 'sha256'}`` of a file, read in 1 MiB chunks (hashlib releases the GIL on each)."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as err:
+        raise ImageReadError(f'{path}: cannot read file ({err.strerror or err}).') from err
+    return {'size': size, 'sha256': digest.hexdigest()}
+
+
+def _fingerprint_sources(sources: List[Tuple[str, str]], workers: int) -> Tuple[Dict[str, Dict[str, Any]],
+                                                                                 List[Dict[str, str]]]:
+    """``({stem: {'file', 'size', 'sha256'}}, failures)`` for the sources; unreadable ones are failures."""
+    records, failed = {}, []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for (path, stem), result in zip(sources, pool.map(_safe_fingerprint, [p for p, _ in sources])):
+            if isinstance(result, ImageReadError):
+                failed.append({'file': path, 'error': str(result)})
+            else:
+                records[stem] = {'file': path, **result}
+    return records, failed
+
+
+def _safe_fingerprint(path: str) -> Any:
+    try:
+        return _fingerprint(path)
+    except ImageReadError as err:
+        return err
+
+
 def _init_worker() -> None:
     cv2.setNumThreads(1)
     try:
@@ -169,7 +249,11 @@ def _init_worker() -> None:
 
 def _check_config(cfg: PrepareConfig) -> PrepareConfig:
     if not osp.isdir(cfg.gt_dir):
-        raise PrepareError(f'--gt: {cfg.gt_dir!r} is not a folder.')
+        kind = 'a broken symbolic link or a link loop' if osp.islink(cfg.gt_dir) else 'not a folder'
+        raise PrepareError(f'--gt: {cfg.gt_dir!r} is {kind}.')
+    if osp.lexists(cfg.out_dir) and not osp.isdir(cfg.out_dir):
+        raise PrepareError(f'--out: {cfg.out_dir!r} exists and is not a folder (a file, a broken link or a link '
+                           'loop); choose another --out.')
     if not cfg.qualities:
         raise PrepareError('--quality: give at least one JPEG quality, e.g. --quality 10 20 30 40.')
     try:
@@ -198,7 +282,11 @@ def _check_config(cfg: PrepareConfig) -> PrepareConfig:
 
 
 def _list_sources(cfg: PrepareConfig) -> List[Tuple[str, str]]:
-    sources = [(path, osp.splitext(osp.basename(path))[0]) for path in list_image_files(cfg.gt_dir)]
+    try:
+        files = list_image_files(cfg.gt_dir)
+    except ImageFolderError as err:
+        raise PrepareError(f'--gt: {err}') from None
+    sources = [(path, osp.splitext(osp.basename(path))[0]) for path in files]
     if not sources:
         raise PrepareError(f'--gt: no images ({", ".join(("png", "jpg", "bmp", "tif", "webp"))}...) in '
                            f'{cfg.gt_dir!r}.')
@@ -216,6 +304,81 @@ def _list_sources(cfg: PrepareConfig) -> List[Tuple[str, str]]:
     return sources
 
 
+def _check_not_into_source(cfg: PrepareConfig) -> None:
+    """Refuse an ``--out`` that would write into the ``--gt`` folder (see the module doc, "Folders")."""
+    def same(a: str, b: str) -> bool:  # samefile also sees case-insensitive names, bind mounts and links
+        return osp.realpath(a) == osp.realpath(b) or (osp.exists(a) and osp.exists(b) and osp.samefile(a, b))
+
+    fix = (f'prepare-csr never writes into its source: keep the original images in their own folder (e.g. '
+           f'{osp.join(osp.dirname(cfg.gt_dir), "HR")!r}) and pass that as --gt, or choose another --out (e.g. '
+           f'{cfg.gt_dir + "_csr"!r}).')
+    if same(cfg.out_dir, cfg.gt_dir):
+        raise PrepareError(f'--out {cfg.out_dir!r} is the --gt folder {cfg.gt_dir!r}; the outputs (GT/, LQ_q<Q>/, '
+                           f'manifest.json) would be written into it. {fix}')
+    if not osp.isdir(cfg.out_dir):
+        return
+    for name in sorted(os.listdir(cfg.out_dir)):
+        path = osp.join(cfg.out_dir, name)
+        if _OUTPUT_ENTRY.match(name) and same(path, cfg.gt_dir):
+            raise PrepareError(f'--gt {cfg.gt_dir!r} is the output folder {path!r} of --out {cfg.out_dir!r}: the '
+                               f'mod-cropped GT (or LQ / sub-images / an LMDB) would be written over the source, '
+                               f'and existing source files would be taken for prepared ones. {fix}')
+
+
+def _existing_outputs(out_dir: str) -> Dict[str, List[str]]:
+    """``{folder: [png names]}`` of the output image folders already in ``out_dir`` (hidden files skipped)."""
+    found = {}
+    if osp.isdir(out_dir):
+        for name in sorted(os.listdir(out_dir)):
+            path = osp.join(out_dir, name)
+            if _OUTPUT_FOLDER.match(name) and osp.isdir(path):
+                found[name] = sorted(n for n in os.listdir(path) if n.endswith('.png') and not n.startswith('.'))
+    return found
+
+
+def _stem_of(folder: str, png: str) -> str:
+    """The source stem an output PNG was made from: its name, less the ``_s<index>`` of a sub-image."""
+    key = osp.splitext(png)[0]
+    return _SUB_SUFFIX.sub('', key) if folder.endswith('_sub') else key
+
+
+def _check_outputs_are_ours(cfg: PrepareConfig, outputs: Dict[str, List[str]]) -> None:
+    """Without a manifest, PNGs or LMDBs in the output folders were not made by prepare-csr: refuse to adopt them."""
+    if osp.exists(osp.join(cfg.out_dir, 'manifest.json')):
+        return
+    lmdbs = [n for n in os.listdir(cfg.out_dir) if _OUTPUT_ENTRY.match(n) and n.endswith('.lmdb')] \
+        if osp.isdir(cfg.out_dir) else []
+    foreign = [osp.join(cfg.out_dir, f) for f, names in outputs.items() if names] + \
+        [osp.join(cfg.out_dir, n) for n in sorted(lmdbs)]
+    if foreign:
+        raise PrepareError(f'--out {cfg.out_dir!r} has no manifest.json, but {", ".join(foreign)} already hold '
+                           'images or LMDBs; prepare-csr did not make them and would take them for prepared data '
+                           '(e.g. a raw GT that is not mod-cropped). Choose an empty --out, or move those folders '
+                           'away first.')
+
+
+def _invalidate_changed(cfg: PrepareConfig, outputs: Dict[str, List[str]], recorded: Dict[str, Dict[str, Any]],
+                        current: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Remove every output of the sources whose content is not the recorded one; return their stems.
+
+    A source is changed when its (size, sha256) differs from the manifest's record, or when it has
+    outputs but no record. The whole-image PNGs (the "done" markers) go first, then the sub-images,
+    so a run killed half-way still sees the image as changed (the manifest is only updated after).
+    """
+    with_outputs = {_stem_of(folder, png) for folder, names in outputs.items() for png in names}
+    changed = sorted(stem for stem, fp in current.items() if stem in with_outputs and (
+        stem not in recorded or (recorded[stem].get('size'), recorded[stem].get('sha256')) != (fp['size'],
+                                                                                               fp['sha256'])))
+    doomed = set(changed)
+    for want_sub in (False, True):
+        for folder, names in outputs.items():
+            if folder.endswith('_sub') == want_sub:
+                for png in names:
+                    if _stem_of(folder, png) in doomed:
+                        os.remove(osp.join(cfg.out_dir, folder, png))
+    return changed
+
+
 def _previous_manifest(cfg: PrepareConfig) -> Dict[str, Any]:
     path = osp.join(cfg.out_dir, 'manifest.json')
     if not osp.exists(path):
@@ -224,8 +387,13 @@ def _previous_manifest(cfg: PrepareConfig) -> Dict[str, Any]:
         with open(path, 'r', encoding='utf-8') as f:
             old = json.load(f)
     except (OSError, ValueError) as err:
-        raise PrepareError(f'{path}: unreadable manifest ({err}); delete it only if the outputs in --out were '
-                           'made with the same --scale/--downsample/--crop/--step/--thresh.') from None
+        old, problem = {}, str(err)
+    else:
+        ok = isinstance(old, dict) and isinstance(old.get('sources', {}), dict)
+        problem = '' if ok else 'not a prepare-csr manifest'
+    if problem:
+        raise PrepareError(f'{path}: unreadable manifest ({problem}); without it the outputs in --out cannot be '
+                           'checked against their sources: choose another --out, or delete this one and run again.')
     for key in _COMPARED_OPTIONS:
         if key in old and old[key] != getattr(cfg, key):
             raise PrepareError(f'--out {cfg.out_dir!r} holds outputs made with {key}={old[key]!r}, not '
@@ -244,32 +412,55 @@ def _remove_stale_temporaries(folder: str) -> None:
             os.remove(osp.join(folder, name))
 
 
-def _build_lmdb(out_dir: str, folder: str, verbose: bool) -> str:
-    """``out/<folder>.lmdb`` from ``out/<folder>`` with BasicSR's make_lmdb_from_imgs; reused when complete."""
+def _lmdb_record(src: str, folder: str, names: List[str], sources: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """What an LMDB of ``src``'s PNGs is built from: per key, the PNG's size and mtime_ns and its source's SHA-256."""
+    keys = {}
+    for name in names:
+        stat = os.stat(osp.join(src, name))
+        source = sources.get(_stem_of(folder, name), {})
+        keys[osp.splitext(name)[0]] = {'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns,
+                                       'source_sha256': source.get('sha256')}
+    return {'folder': folder, 'keys': keys}
+
+
+def _build_lmdb(out_dir: str, folder: str, verbose: bool, sources: Dict[str, Dict[str, Any]]) -> Tuple[str, bool]:
+    """``out/<folder>.lmdb`` from ``out/<folder>`` with BasicSR's make_lmdb_from_imgs.
+
+    Returns ``(path, rebuilt)``. An existing LMDB is reused only when its :data:`LMDB_RECORD` equals the
+    current one (same keys, same PNG sizes and mtimes, same source hashes); otherwise it is replaced
+    and ``rebuilt`` is True.
+    """
     from basicsr.utils.lmdb_util import make_lmdb_from_imgs
 
     src, final = osp.join(out_dir, folder), osp.join(out_dir, f'{folder}.lmdb')
     names = sorted(n for n in os.listdir(src) if n.endswith('.png') and not n.startswith('.'))
     keys = [osp.splitext(n)[0] for n in names]
-    meta = osp.join(final, 'meta_info.txt')
-    if osp.isfile(meta):
-        with open(meta, 'r', encoding='utf-8') as f:
-            if sorted(line.split('.')[0] for line in f if line.strip()) == keys:
-                return final
+    record = _lmdb_record(src, folder, names, sources)
+    try:
+        with open(osp.join(final, LMDB_RECORD), 'r', encoding='utf-8') as f:
+            if json.load(f) == record:
+                return final, False
+    except (OSError, ValueError):
+        pass  # no record (missing, older prepare-csr, half-written): the LMDB cannot be trusted, rebuild it
+    rebuilt = osp.lexists(final)
     tmp = osp.join(out_dir, f'.{folder}.incomplete.lmdb')
     for path in (tmp, final):
-        if osp.exists(path):
+        if osp.isdir(path) and not osp.islink(path):
             shutil.rmtree(path)
+        elif osp.lexists(path):
+            os.remove(path)
     if names:
-        size = sum(osp.getsize(osp.join(src, n)) for n in names)
+        size = sum(item['size'] for item in record['keys'].values())
         with contextlib.ExitStack() as stack:
             if not verbose:  # BasicSR prints and draws a bar per LMDB
                 sink = stack.enter_context(open(os.devnull, 'w'))
                 stack.enter_context(contextlib.redirect_stdout(sink))
                 stack.enter_context(contextlib.redirect_stderr(sink))
             make_lmdb_from_imgs(src, tmp, names, keys, map_size=4 * size + (64 << 20))
+        with open(osp.join(tmp, LMDB_RECORD), 'w', encoding='utf-8') as f:
+            json.dump(record, f)
         os.replace(tmp, final)
-    return final
+    return final, rebuilt
 
 
 def _run_tasks(tasks: List[Tuple[str, str, Dict[str, Any]]], cfg: PrepareConfig) -> List[Dict[str, Any]]:
@@ -302,19 +493,35 @@ def prepare_csr(config: PrepareConfig) -> PrepareResult:
         a :class:`PrepareResult`; inputs that could not be decoded are in ``failed`` (not raised).
     """
     cfg = _check_config(config)
+    _check_not_into_source(cfg)
     sources = _list_sources(cfg)
     old = _previous_manifest(cfg)
+    outputs = _existing_outputs(cfg.out_dir)
+    _check_outputs_are_ours(cfg, outputs)
     qualities_all = sorted(set(old.get('qualities', [])) | set(cfg.qualities))
+    current, unreadable = _fingerprint_sources(sources, cfg.workers)
+    recorded = old.get('sources', {})  # an older manifest has none: its outputs count as changed
+    regenerated = _invalidate_changed(cfg, outputs, recorded, current)
+    records = {**recorded, **current}  # sources that left --gt keep their record (their outputs are kept)
     for folder in _output_folders(cfg, cfg.qualities):
-        os.makedirs(osp.join(cfg.out_dir, folder), exist_ok=True)
-        _remove_stale_temporaries(osp.join(cfg.out_dir, folder))
-    # record the options before any output exists, so a killed first run is still checked on resume
-    _write_manifest(cfg, qualities_all, PrepareResult(inputs=len(sources), written=0, skipped=0), complete=False)
-    shared = {k: getattr(cfg, k) for k in ('out_dir', 'scale', 'qualities', 'downsample', 'crop', 'step', 'thresh')}
-    results = _run_tasks([(path, stem, shared) for path, stem in sources], cfg)
+        path = osp.join(cfg.out_dir, folder)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise PrepareError(f'--out: cannot create {path!r} ({err.strerror or err}).') from None
+        _remove_stale_temporaries(path)
+    # record the options and source hashes before any output exists, so a killed run is still checked on resume
+    _write_manifest(cfg, qualities_all, PrepareResult(inputs=len(sources), written=0, skipped=0), records,
+                    complete=False)
+    shared = {k: getattr(cfg, k) for k in ('out_dir', 'scale', 'downsample', 'crop', 'step', 'thresh')}
+    changed = set(regenerated)
+    tasks = [(path, stem, current[stem]['sha256'], qualities_all if stem in changed else cfg.qualities, shared)
+             for path, stem in sources if stem in current]
+    results = _run_tasks(tasks, cfg)
 
     by_stem = {stem: path for path, stem in sources}
-    result = PrepareResult(inputs=len(sources), written=0, skipped=0)
+    result = PrepareResult(inputs=len(sources), written=0, skipped=0, failed=list(unreadable),
+                           regenerated=regenerated)
     for res in sorted(results, key=lambda r: r['stem']):
         if res['status'] == 'failed':
             result.failed.append({'file': res['file'], 'error': res['error']})
@@ -324,17 +531,24 @@ def prepare_csr(config: PrepareConfig) -> PrepareResult:
             result.written += 1
             if res['no_subimages']:
                 result.no_subimages.append(by_stem[res['stem']])
+    result.failed.sort(key=lambda f: f['file'])
     folders = _output_folders(cfg, qualities_all)
     for folder in folders:
         path = osp.join(cfg.out_dir, folder)
         result.folders[folder] = len([n for n in os.listdir(path) if n.endswith('.png')]) if osp.isdir(path) else 0
     if cfg.lmdb:
-        result.lmdbs = [_build_lmdb(cfg.out_dir, folder, cfg.progress) for folder in folders if result.folders[folder]]
-    result.manifest = _write_manifest(cfg, qualities_all, result)
+        for folder in folders:
+            if result.folders[folder]:
+                path, rebuilt = _build_lmdb(cfg.out_dir, folder, cfg.progress, records)
+                result.lmdbs.append(path)
+                if rebuilt:
+                    result.lmdbs_rebuilt.append(path)
+    result.manifest = _write_manifest(cfg, qualities_all, result, records)
     return result
 
 
-def _write_manifest(cfg: PrepareConfig, qualities: Sequence[int], result: PrepareResult, complete: bool = True) -> str:
+def _write_manifest(cfg: PrepareConfig, qualities: Sequence[int], result: PrepareResult,
+                    sources: Dict[str, Dict[str, Any]], complete: bool = True) -> str:
     import basicsr
 
     from ..version import __version__
@@ -360,6 +574,10 @@ def _write_manifest(cfg: PrepareConfig, qualities: Sequence[int], result: Prepar
         'failed': result.failed,
         'no_subimages': result.no_subimages,
         'lmdb': [osp.basename(p) for p in result.lmdbs],
+        'regenerated': result.regenerated,
+        'lmdb_rebuilt': [osp.basename(p) for p in result.lmdbs_rebuilt],
+        # per source stem: the file and its content (size, SHA-256) the outputs were made from
+        'sources': {stem: sources[stem] for stem in sorted(sources)},
         'last_run': {k: v for k, v in asdict(cfg).items() if k not in ('progress',)},
     }
     path = osp.join(cfg.out_dir, 'manifest.json')
