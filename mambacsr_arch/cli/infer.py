@@ -234,14 +234,16 @@ def resolve_device(name: str):
 def build_model(setup: InferSetup, device) -> Any:
     """Build ``network_g``, load the weights, move to ``device``, eval mode."""
     from basicsr.archs import build_network
-    from basicsr.utils.registry import ARCH_REGISTRY
 
+    from mambacsr_arch.cli.option_checks import OptionError, check_network, print_notes
     from mambacsr_arch.models.weights import load_weights
 
     arch = setup.network_opt['type']
-    if arch not in ARCH_REGISTRY:
-        known = sorted(name for name in ARCH_REGISTRY.keys() if '.' not in name)
-        raise InferConfigError(f"unknown arch '{arch}' (network_g.type / --arch); registered: {', '.join(known)}.")
+    try:  # registered arch, every key a constructor option, upscale == scale: before anything is built
+        print_notes('infer', check_network(setup.network_opt, 'network_g', scale=setup.scale,
+                                           scale_label='scale (--scale or the option file)'))
+    except OptionError as err:
+        raise InferConfigError(str(err)) from err
     try:
         net = build_network(setup.network_opt)
     except (TypeError, ValueError) as err:  # wrong or inconsistent constructor kwargs
