@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..archs.state_dict_report import format_mismatch, preview
+from ..archs.state_dict_report import foreign_checkpoint, format_mismatch, preview
 
 logger = logging.getLogger('basicsr')
 NO_KEY = (None, '', 'none', 'None', '~')
@@ -128,9 +128,10 @@ def describe_mismatch(net: nn.Module, loaded: Mapping[str, torch.Tensor], source
              if k in loaded and tuple(own[k].shape) != tuple(loaded[k].shape)]
     if not (missing or unexpected or wrong):
         return None
+    foreign = foreign_checkpoint(type(net).__name__, loaded)  # then option hints from shapes are nonsense
     lines = format_mismatch(f'{source} does not match {type(net).__name__} (strict loading).', missing,
-                            unexpected, wrong, guess_wrong_option(own, loaded),
-                            "no hyper-parameter difference detected: is path.param_key_g right ('params', "
+                            unexpected, wrong, [] if foreign else guess_wrong_option(own, loaded),
+                            foreign or "no hyper-parameter difference detected: is path.param_key_g right ('params', "
                             "'params_ema' or ~), and is this checkpoint for this architecture?", limit=10)
     lines.append('  (path.strict_load_g: false loads the matching keys only.)')
     return '\n'.join(lines)
