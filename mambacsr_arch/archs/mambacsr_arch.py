@@ -53,6 +53,7 @@ from ..registry import registers
 from .dis_blocks import CrossScaleBlock, ResidualDISGroup
 from .ss2d import SS2D
 from .layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
+from .state_dict_report import foreign_checkpoint
 
 __all__ = ['MambaCSR', 'infer_mambacsr_config', 'describe_state_dict_mismatch']
 
@@ -115,10 +116,13 @@ def describe_state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any]
     lines = [f'{type(model).__name__}: the checkpoint does not match network_g ({len(missing)} missing, '
              f'{len(unexpected)} unexpected, {len(mis_shaped)} mis-shaped keys).']
     keys = list(state_dict)
+    foreign = foreign_checkpoint('MambaCSR', keys)
     if set(keys) & {'params', 'params_ema'}:
         lines.append("  The dict holds 'params'/'params_ema': load the inner dict (BasicSR: path.param_key_g).")
     elif keys and all(k.startswith('module.') for k in keys):
         lines.append("  Every key starts with 'module.': strip that DataParallel/DDP prefix.")
+    elif foreign:  # e.g. a HAT checkpoint: its shapes would "imply" nonsense MambaCSR options
+        lines.append(f'  {foreign}')
     else:
         wanted, have = infer_mambacsr_config(state_dict), infer_mambacsr_config(own)
         hints = [f'  network_g.{name}: checkpoint implies {wanted[name]!r}, the model has {have.get(name)!r}'
