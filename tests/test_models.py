@@ -323,7 +323,8 @@ def test_hat_model_pads_to_window_and_honours_official_tile_option(tmp_path):
     opt['tile'] = {'tile_size': 8, 'tile_pad': 2}  # official HAT option file layout
     model = build_model(opt)
     kwargs = model.inference_kwargs(model.net_g)
-    assert (kwargs['pad_multiple'], kwargs['tile_size'], kwargs['tile_overlap']) == (4, 12, 4)
+    # HAT's own hard-cropped tiles (tile_process), not our blended ones
+    assert (kwargs['tile_mode'], kwargs['pad_multiple'], kwargs['tile_size'], kwargs['tile_overlap']) == ('hat', 4, 8, 2)
     model.feed_data({'lq': torch.rand(1, 3, 14, 17)})
     model.test()
     assert model.output.shape == (1, 3, 56, 68)

@@ -127,6 +127,7 @@ class HAT(nn.Module):
             overlap_ratio=overlap_ratio, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, ape=ape, patch_norm=patch_norm,
             upscale=upscale if upsampler else 1, upsampler=upsampler, resi_connection=resi_connection)
         self.window_size = window_size
+        self.pad_multiple = window_size  # input multiple inference pads to (reflect), as the official HATModel
         self.shift_size = window_size // 2
         self.overlap_ratio = overlap_ratio
         self.img_range = img_range

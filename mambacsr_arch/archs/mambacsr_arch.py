@@ -194,6 +194,9 @@ class MambaCSR(nn.Module):
         self.upscale = upscale
         self.upsampler = upsampler
         self.cross_scale_scan = cross_scale_scan
+        # input multiple inference pads to (models.inference): any size runs (scan windows are zero-padded
+        # inside); the 0.5x cross-scale branch needs even sizes, which forward() would otherwise pad itself
+        self.pad_multiple = 2 if cross_scale_scan else 1
         self.use_checkpoint = use_checkpoint
         self.embed_dim = embed_dim
         self.num_features = embed_dim

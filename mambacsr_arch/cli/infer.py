@@ -9,12 +9,17 @@ Usage::
 The network comes from an option file (``network_g``, ``path.pretrain_network_g``,
 ``path.param_key_g``, ``path.strict_load_g``, ``scale``) or from ``--arch`` + ``--weights``;
 ``--network-opt JSON`` then ``--arch-opt key=value`` override constructor kwargs. Inference
-settings are read from the option file exactly as ``MambaCSRModel``/``HATModel.test`` read them
-(``val.tile.{size,overlap}``, ``val.max_pixels``, ``val.pad_multiple``, ``val.official_protocol``
-with top-level ``padding_size``, ``val.use_amp``; HAT's top-level ``tile.{tile_size,tile_pad}``
-is accepted too), so ``basicsr infer --opt X`` restores images like ``basicsr test -opt X``.
-Command-line flags override the option file. The input multiple is ``val.pad_multiple``, else
-the network's ``pad_multiple`` attribute, else its ``window_size``, else 1. Checkpoints are read by
+settings (tiles, max_pixels, pad multiple, AMP, official protocol) come from ONE resolver,
+:func:`mambacsr_arch.models.inference.resolve_inference_settings`, which ``MambaCSRModel``/
+``HATModel.test`` use too, so ``basicsr infer --opt X`` restores images like ``basicsr test -opt X``:
+``val.tile.{size,overlap}`` (blended tiles), HAT's top-level ``tile.{tile_size,tile_pad}`` (HAT's
+hard-cropped tiles), top-level ``padding_size`` (the official MambaCSR chop test, unless
+``val.official_protocol: false``), ``val.max_pixels``, ``val.pad_multiple``, ``val.use_amp``.
+The ``run`` flags override the option file (``--tile``, ``--tile-overlap``, ``--tile-mode``,
+``--max-pixels``, ``--pad-multiple``, ``--[no-]official-protocol``, ``--padding-size``,
+``--fp16``/``--bf16``/``--fp32``). The input multiple is ``val.pad_multiple``, else the
+network's ``pad_multiple`` attribute (:func:`mambacsr_arch.models.inference.arch_pad_multiple`).
+Checkpoints are read by
 :func:`mambacsr_arch.models.weights.load_weights` (``params``/``params_ema``/bare state dict,
 ``module.`` prefixes stripped).
 
@@ -55,14 +60,8 @@ class InferSetup:
     param_key: Optional[str]
     strict: bool
     scale: int
-    tile_size: Optional[int]  # None: automatic (whole image up to max_pixels); 0: never tile
-    tile_overlap: int
-    max_pixels: Optional[int] = None  # restore_image's auto-tiling budget (LR px); None: its default
-    pad_multiple: Optional[int] = None  # None: from the network (see module doc)
-    official_protocol: bool = False
-    official_padding_size: int = 64
-    amp: Optional[str] = None  # 'fp16', 'bf16' or None
-    notes: List[str] = field(default_factory=list)
+    settings: Any  # mambacsr_arch.models.inference.InferenceSettings: tiles, pad multiple, AMP, official protocol
+    notes: List[str] = field(default_factory=list)  # lines to show once, e.g. the official protocol in use
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,16 +85,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument('--no-strict', action='store_true', help='load matching weights only (strict_load_g: false)')
     run_ = parser.add_argument_group('run')
     run_.add_argument('--scale', type=int, help='upscaling factor (default: option file scale, else upscale kwarg)')
-    run_.add_argument('--tile', type=int, help='LR tile size in px; 0 = never tile (default: val.tile.size, else '
-                      'whole images up to 512x512 LR px and 256 px tiles above). MambaCSR: use a multiple of '
-                      '64 (its 64-px scan windows are zero-padded)')
-    run_.add_argument('--tile-overlap', type=int, help='minimum tile overlap in LR px (default: 32)')
-    run_.add_argument('--official-protocol', action='store_true',
-                      help="renyulin-f/MambaCSR's chop test (padding_size from the option file, else 64)")
+    run_.add_argument('--tile', type=int, help='LR tile size in px; 0 = never tile (default: val.tile.size or the '
+                      'top-level tile.tile_size, else whole images up to 512x512 LR px and 256 px tiles above). '
+                      'MambaCSR: use a multiple of 64 (its 64-px scan windows are zero-padded)')
+    run_.add_argument('--tile-overlap', type=int, help='blended tiles: minimum overlap; hat tiles: tile_pad; LR px '
+                      '(default: the option file, else 32)')
+    run_.add_argument('--tile-mode', choices=('auto', 'blend', 'hat', 'none'),
+                      help="blend: our blended tiles (val.tile); hat: XPixelGroup/HAT's hard-cropped tiles (top-level "
+                      'tile); auto: whole image up to --max-pixels, blended tiles above; none: never tile')
+    run_.add_argument('--max-pixels', type=int, help='auto mode: tile images with more LR px than this; 0 = never '
+                      '(default: val.max_pixels, else 262144)')
+    run_.add_argument('--pad-multiple', type=int, help="pad inputs to this multiple (default: val.pad_multiple, else "
+                      "the network's pad_multiple)")
+    run_.add_argument('--official-protocol', action=argparse.BooleanOptionalAction, default=None,
+                      help="renyulin-f/MambaCSR's chop test (default: on iff the option file sets padding_size, "
+                      'unless val.official_protocol says otherwise)')
+    run_.add_argument('--padding-size', type=int, help='official protocol pad multiple; turns the protocol on, as '
+                      'the top-level padding_size key does (default: the option file, else 64)')
     run_.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto (cuda if available; default)')
     precision = run_.add_mutually_exclusive_group()
     precision.add_argument('--fp16', action='store_true', help='float16 autocast')
     precision.add_argument('--bf16', action='store_true', help='bfloat16 autocast')
+    precision.add_argument('--fp32', action='store_true', help='no autocast, whatever val.use_amp says')
     run_.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
@@ -133,15 +144,6 @@ def _parse_arch_opts(items: Sequence[str]) -> Dict[str, Any]:
     return kwargs
 
 
-def _tile_from_options(opt: Mapping[str, Any]) -> Tuple[Optional[int], Optional[int]]:
-    """(size, overlap) from ``val.tile.{size,overlap}`` or HAT's root ``tile.{tile_size,tile_pad}``."""
-    val_tile = (opt.get('val') or {}).get('tile') or {}
-    if val_tile:
-        return val_tile.get('size'), val_tile.get('overlap')
-    hat_tile = opt.get('tile') or {}
-    return hat_tile.get('tile_size'), hat_tile.get('tile_pad')
-
-
 def resolve_setup(args: argparse.Namespace) -> InferSetup:
     """Merge option file and flags into an :class:`InferSetup`; raises :class:`InferConfigError`."""
     opt: Dict[str, Any] = _load_option_file(args.opt) if args.opt else {}
@@ -171,41 +173,34 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
     param_key = args.param_key if args.param_key is not None else path_opt.get('param_key_g', default_key)
     strict = not args.no_strict and bool(path_opt.get('strict_load_g', True))
 
-    scale = args.scale or opt.get('scale') or network_opt.get('upscale') or network_opt.get('scale')
-    if not isinstance(scale, int) or scale < 1:
-        raise InferConfigError(f'cannot tell the upscaling factor (got {scale!r}): pass --scale N or set scale '
-                               f'in {source}.')
+    if args.scale is not None:
+        scale, scale_from = args.scale, '--scale'
+    elif opt.get('scale') is not None:
+        scale, scale_from = opt['scale'], f'scale in {source}'
+    else:
+        scale, scale_from = network_opt.get('upscale') or network_opt.get('scale'), 'network_g.upscale'
+    if scale is None:
+        raise InferConfigError(f'cannot tell the upscaling factor: pass --scale N or set scale in {source}.')
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise InferConfigError(f'{scale_from} must be an integer >= 1 (got {scale!r}), e.g. --scale 4.')
 
-    val = opt.get('val') or {}
-    opt_tile, opt_overlap = _tile_from_options(opt)
-    tile_size = args.tile if args.tile is not None else opt_tile
-    tile_overlap = args.tile_overlap if args.tile_overlap is not None else (32 if opt_overlap is None else opt_overlap)
-    if tile_size is not None and tile_size < 0 or tile_overlap < 0:
-        raise InferConfigError(f'--tile ({tile_size}) and --tile-overlap ({tile_overlap}) must be >= 0.')
-    if tile_size and tile_size <= tile_overlap:
-        raise InferConfigError(f'--tile ({tile_size}) must exceed --tile-overlap ({tile_overlap}).')
-    amp = 'fp16' if args.fp16 else 'bf16' if args.bf16 else val.get('use_amp')
-    if amp in (None, False, 'none', 'None', 'fp32', 'float32'):
-        amp = None
-    elif str(amp).lower() not in ('fp16', 'bf16'):
-        raise InferConfigError(f'val.use_amp in {source} must be bf16, fp16 or ~ (got {amp!r}).')
+    from mambacsr_arch.models.inference import resolve_inference_settings
+
+    amp = 'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32' if args.fp32 else None
+    try:
+        settings = resolve_inference_settings(
+            opt, source=source, tile_size=args.tile, tile_overlap=args.tile_overlap, tile_mode=args.tile_mode,
+            max_pixels=args.max_pixels, pad_multiple=args.pad_multiple, amp=amp,
+            official_protocol=args.official_protocol, padding_size=args.padding_size)
+    except ValueError as err:
+        raise InferConfigError(str(err)) from err
     return InferSetup(network_opt=network_opt, weights=str(weights), param_key=param_key, strict=strict,
-                      scale=int(scale), tile_size=tile_size, tile_overlap=int(tile_overlap),
-                      max_pixels=val.get('max_pixels'), pad_multiple=val.get('pad_multiple'),
-                      official_protocol=bool(args.official_protocol or val.get('official_protocol', False)),
-                      official_padding_size=int(opt.get('padding_size', 64)),
-                      amp=None if amp is None else str(amp).lower())
+                      scale=int(scale), settings=settings, notes=list(settings.notes))
 
 
 def restore_kwargs(setup: InferSetup, net: Any) -> Dict[str, Any]:
-    """Keyword arguments of :func:`restore_image` for ``setup`` and the built ``net``."""
-    import torch
-
-    pad_multiple = setup.pad_multiple or getattr(net, 'pad_multiple', None) or getattr(net, 'window_size', None) or 1
-    return dict(tile_size=setup.tile_size or None, tile_overlap=setup.tile_overlap, pad_multiple=int(pad_multiple),
-                max_pixels=0 if setup.tile_size == 0 else setup.max_pixels,
-                official_protocol=setup.official_protocol, official_padding_size=setup.official_padding_size,
-                amp_dtype={'fp16': torch.float16, 'bf16': torch.bfloat16}.get(setup.amp or ''))
+    """Keyword arguments of :func:`restore_image` for ``setup`` and the built (bare) ``net``."""
+    return setup.settings.restore_kwargs(net)
 
 
 def resolve_device(name: str):

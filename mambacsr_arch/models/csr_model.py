@@ -18,13 +18,10 @@ Option keys read here (BasicSR YAML)::
       use_amp: bf16 | fp16 | ~        # autocast for the training forward; fp16 needs CUDA (GradScaler).
                                       # The selective scan stays float32 (the ops layer disables autocast).
     val:
-      tile: {size: 192, overlap: 32}  # LR px; omit for whole-image inference (official HAT files'
-                                      # top-level tile: {tile_size, tile_pad} is honoured too)
-      max_pixels: 262144              # auto-tile images with more LR px than this (0: never)
-      pad_multiple: 16                # override the arch's required input multiple
-      official_protocol: false        # renyulin-f/MambaCSR's chop test (top-level padding_size: 64)
-      use_amp: bf16 | ~               # autocast for inference (default float32)
       log_baseline: false             # also log the metrics of bicubic-upsampled LQ (once per dataset)
+      # inference settings (tile, max_pixels, pad_multiple, official_protocol, use_amp) and the official
+      # files' top-level tile / padding_size: resolved by mambacsr_arch.models.inference.resolve_inference_settings
+      # (the same resolver `basicsr infer` uses; its module doc lists the keys)
 
 Resume guarantee (CPU, ``num_worker_per_gpu: 0``, same seed): a run resumed from the state saved
 at iteration N reaches the same weights as an uninterrupted run when N is the end of an epoch
@@ -54,20 +51,11 @@ from ..registry import registers
 from .checkpoint_io import atomic_torch_save, capture_rng_state, restore_rng_state
 from .distributed import get_bare_model
 from .distributed import model_to_device as _model_to_device
-from .inference import restore_image
+from .inference import AMP_DTYPES, arch_pad_multiple, parse_amp, resolve_inference_settings, restore_image
 from .weights import load_weights
 
-AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
+__all__ = ['AMP_DTYPES', 'CSRModel', 'HATModel', 'MambaCSRModel', 'parse_amp']  # AMP names: from .inference
 _SEED_MIX = 1_000_003
-
-
-def parse_amp(value: Any, where: str) -> Optional[torch.dtype]:
-    """``use_amp`` option -> autocast dtype or None."""
-    if value in (None, False, 'none', 'None', 'false', 'fp32', 'float32'):
-        return None
-    if isinstance(value, str) and value.lower() in AMP_DTYPES:
-        return AMP_DTYPES[value.lower()]
-    raise ValueError(f"{where}: use_amp must be bf16, fp16 or ~ (got {value!r}).")
 
 
 class CSRModel(SRModel):
@@ -79,7 +67,11 @@ class CSRModel(SRModel):
             raise RuntimeError(f"num_gpu: {opt['num_gpu']} but CUDA is not available; set num_gpu: auto "
                                f'(or 0) in the option file to run on the CPU.')
         self.train_amp: Optional[torch.dtype] = parse_amp((opt.get('train') or {}).get('use_amp'), 'train')
-        self.val_amp: Optional[torch.dtype] = parse_amp((opt.get('val') or {}).get('use_amp'), 'val')
+        # resolved before the network is built, so a typo under val.tile fails before any work
+        self.inference_settings = resolve_inference_settings(opt, source=f"option file of '{opt.get('name')}'")
+        self.val_amp: Optional[torch.dtype] = self.inference_settings.amp_dtype
+        for note in self.inference_settings.notes:  # e.g. "official MambaCSR test protocol: padding_size 64"
+            get_root_logger().info(note)
         self.grad_scaler: Optional[torch.amp.GradScaler] = None
         self._baseline_logged: set = set()
         super().__init__(opt)
@@ -156,33 +148,17 @@ class CSRModel(SRModel):
 
     # --------------------------------------------------------------------------- inference
     def default_pad_multiple(self, net: nn.Module) -> int:
-        """Input multiple the arch needs: ``val.pad_multiple``, else the arch's ``pad_multiple``, else 1."""
-        value = (self.opt.get('val') or {}).get('pad_multiple')
-        if value is None:
-            value = getattr(net, 'pad_multiple', None)
-        return int(value or 1)
+        """Input multiple for ``net``: ``val.pad_multiple``, else what the arch declares (``pad_multiple``)."""
+        return self.inference_settings.resolved_pad_multiple(net)
 
     def inference_kwargs(self, net: nn.Module) -> Dict[str, Any]:
-        """Keyword arguments of :func:`restore_image` from the ``val`` options."""
-        val = self.opt.get('val') or {}
-        tile = val.get('tile') or {}
-        if tile and not isinstance(tile, dict):
-            raise ValueError(f'val.tile must be a mapping {{size: 192, overlap: 32}}, got {tile!r}.')
-        official_tile = self.opt.get('tile') or {}
-        if not tile and official_tile.get('tile_size'):
-            # official HAT option files: top-level tile {tile_size, tile_pad}; each tile is cut with tile_pad
-            # context on every side there, which our blended tiles express as size + 2 pad, overlap 2 pad.
-            pad = int(official_tile.get('tile_pad', 0))
-            tile = {'size': int(official_tile['tile_size']) + 2 * pad, 'overlap': 2 * pad}
-        return dict(tile_size=tile.get('size'), tile_overlap=int(tile.get('overlap', 32)),
-                    pad_multiple=self.default_pad_multiple(net),
-                    official_protocol=bool(val.get('official_protocol', False)),
-                    official_padding_size=int(self.opt.get('padding_size', 64)),
-                    max_pixels=val.get('max_pixels'), amp_dtype=self.val_amp)
+        """Keyword arguments of :func:`restore_image`: the resolved settings (as ``basicsr infer``'s)."""
+        return self.inference_settings.restore_kwargs(net)
 
     def test(self) -> None:
         # SRModel runs the whole padded-by-nobody image through (possibly DDP-wrapped) net_g; we pad,
-        # tile when asked or when the image is large, and always use the bare module.
+        # tile when asked or when the image is large (or cut HAT's tiles / the official MambaCSR chops when
+        # the authors' option files ask), and always use the bare module.
         use_ema = hasattr(self, 'net_g_ema')
         net = self.net_g_ema if use_ema else get_bare_model(self.net_g)
         was_training = net.training
@@ -314,11 +290,5 @@ class MambaCSRModel(CSRModel):
 
 @registers(MODEL_REGISTRY)
 class HATModel(CSRModel):
-    """HAT training/testing. Pads to ``window_size`` (reflect), as the official ``HATModel`` does."""
-
-    def default_pad_multiple(self, net: nn.Module) -> int:
-        value = (self.opt.get('val') or {}).get('pad_multiple')
-        if value is None:
-            value = getattr(net, 'pad_multiple', None) or getattr(net, 'window_size', None) \
-                or self.opt['network_g'].get('window_size')
-        return int(value or 1)
+    """HAT training/testing. Pads to ``window_size`` (reflect, the arch's ``pad_multiple``), as the official
+    ``HATModel`` does; the official files' top-level ``tile`` runs HAT's own hard-cropped tiles."""

@@ -1,28 +1,53 @@
-"""Inference on images of any size: padding to the arch's multiple, overlapping tiles, official protocol.
+"""Inference on images of any size: ONE settings resolver and the tiling engines.
 
-Public entry point: :func:`restore_image`, used by the model classes' ``test()`` and by
-``basicsr infer``. All sizes are in pixels; ``tile_size``/``tile_overlap`` are in LR (input) pixels.
+Settings: :func:`resolve_inference_settings` turns an option file (plus ``basicsr infer``'s
+flags, as keyword overrides) into one :class:`InferenceSettings`; ``MambaCSRModel``/``HATModel.test``
+and ``basicsr infer`` both use it, so ``basicsr test -opt X`` and ``basicsr infer --opt X``
+restore images identically. Option keys (flags in brackets)::
 
-Tiled mode: tiles of ``tile_size`` LR px overlapping by at least ``tile_overlap`` px (the last tile
-in each row/column is aligned to the image border, so it may overlap more). Each tile is padded
-to ``pad_multiple`` on its own and restored; the outputs are blended with weights that ramp
-linearly (in HR px) over the overlap towards a neighbouring tile and stay 1 at image borders, so
-seams are hidden and every output pixel is a convex combination of tile outputs.
+    val:
+      tile: {size: 192, overlap: 32}   # blended tiles, LR px; size 0: never tile   [--tile, --tile-overlap]
+      max_pixels: 262144               # auto-tile (blended) above this many LR px; 0: never   [--max-pixels]
+      pad_multiple: 16                 # override the arch's ``pad_multiple``   [--pad-multiple]
+      official_protocol: true | false  # default: true iff top-level padding_size is set
+                                       # [--official-protocol / --no-official-protocol]
+      use_amp: bf16 | fp16 | ~         # autocast dtype of the forward passes   [--bf16 / --fp16 / --fp32]
+    tile: {tile_size: 512, tile_pad: 32}   # XPixelGroup/HAT layout: HAT's hard-cropped tiles   [--tile-mode hat]
+    padding_size: 64                       # renyulin-f/MambaCSR layout: the official chop test   [--padding-size]
+
+Tile modes (:data:`TILE_MODES`): ``auto`` (whole image up to ``max_pixels`` LR px, blended
+tiles above), ``blend``, ``hat`` and ``none`` (always the whole image). Public entry point of
+the engines: :func:`restore_image`. All sizes are in pixels; tile sizes and overlaps are LR px.
+
+Blended tiles (``blend``, and ``auto`` above the budget): tiles of ``tile_size`` LR px
+overlapping by at least ``tile_overlap`` px (the last tile in each row/column is aligned to the
+image border, so it may overlap more). Each tile is padded to ``pad_multiple`` on its own and
+restored; the outputs are blended with weights that ramp linearly (in HR px) over the overlap
+towards a neighbouring tile and stay 1 at image borders, so seams are hidden and every output
+pixel is a convex combination of tile outputs.
+
+HAT's tiles (``hat``) reproduce XPixelGroup/HAT's ``HATModel.tile_process`` (the official HAT
+option files' top-level ``tile``): the whole image is reflect-padded to ``pad_multiple``
+(HAT's ``window_size``) first; it is cut into a grid of ``tile_size`` tiles, each run with up to
+``tile_pad`` (here ``tile_overlap``) px of context on every side (clipped at the image border),
+and each tile's centre is pasted into the output without blending.
 
 Official protocol (``official_protocol=True``) reproduces renyulin-f/MambaCSR's
 ``MambaCSRModel.test`` so published numbers can be re-checked: the image is cut into
 ``h // 192 + 1`` by ``w // 192 + 1`` chops (after reflect-padding H and W to a multiple of those
 counts), neighbouring chops overlap by a quarter of the chop size, each chop is flip-padded
-(mirrored copy appended, edge pixel repeated) to ``(n // 64 + 1) * 64`` (i.e. always at least one
-extra pixel, up to a full 64), and each chop's centre part is pasted into the output without
-blending. Deviation: where the official code would run out of mirror (chop smaller than its pad),
-we keep mirroring periodically instead of producing a wrongly sized chop.
+(mirrored copy appended, edge pixel repeated) to ``(n // padding_size + 1) * padding_size``
+(i.e. always at least one extra pixel, up to a full ``padding_size``), and each chop's centre
+part is pasted into the output without blending. Deviation: where the official code would run
+out of mirror (chop smaller than its pad), we keep mirroring periodically instead of producing
+a wrongly sized chop.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,6 +60,33 @@ DEFAULT_MAX_PIXELS = 512 * 512
 DEFAULT_AUTO_TILE = 256
 OFFICIAL_CHOP = 192  # LR px, official MambaCSR test chop size
 OFFICIAL_PAD = 64  # official `padding_size`
+DEFAULT_TILE_OVERLAP = 32
+TILE_MODES = ('auto', 'blend', 'hat', 'none')
+AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
+_NO_AMP = (None, False, 'none', 'None', 'false', 'fp32', 'float32')
+
+
+def parse_amp(value: Any, where: str) -> Optional[torch.dtype]:
+    """A ``use_amp`` option (``bf16``, ``fp16``, ``fp32`` or ``~``) -> autocast dtype or None."""
+    if value in _NO_AMP:
+        return None
+    if isinstance(value, str) and value.lower() in AMP_DTYPES:
+        return AMP_DTYPES[value.lower()]
+    raise ValueError(f"{where}: use_amp must be bf16, fp16 or ~ (got {value!r}).")
+
+
+def arch_pad_multiple(net: nn.Module) -> int:
+    """The input multiple ``net`` needs: its ``pad_multiple`` attribute (our MambaCSR and HAT declare one).
+
+    A network without one that has an integer ``window_size`` (a SwinIR-family arch registered by
+    another package, e.g. the official HAT) gets that, as the official ``HATModel`` pads to
+    ``network_g.window_size``; anything else 1.
+    """
+    value = getattr(net, 'pad_multiple', None)
+    if value is None:
+        value = getattr(net, 'window_size', None)
+        value = value if isinstance(value, int) and not isinstance(value, bool) else 1
+    return int(value)
 
 
 def _forward_padded(net: nn.Module, x: torch.Tensor, scale: int, pad_multiple: int) -> torch.Tensor:
@@ -142,30 +194,54 @@ def _restore_official(net: nn.Module, lq: torch.Tensor, scale: int, chop: int = 
     return out[..., :h * scale, :w * scale]
 
 
+def _restore_hat_tiles(net: nn.Module, lq: torch.Tensor, scale: int, tile: int, tile_pad: int,
+                       pad_multiple: int) -> torch.Tensor:
+    """XPixelGroup/HAT's ``tile_process`` (see module doc); (B, C, h, w) -> (B, C, h*scale, w*scale)."""
+    b, _, h, w = lq.shape
+    img = pad_to_multiple(lq, pad_multiple)[0] if pad_multiple > 1 else lq
+    big_h, big_w = img.shape[-2:]
+    out = None
+    for y0 in range(0, big_h, tile):
+        for x0 in range(0, big_w, tile):
+            y1, x1 = min(y0 + tile, big_h), min(x0 + tile, big_w)
+            in_y0, in_x0 = max(y0 - tile_pad, 0), max(x0 - tile_pad, 0)
+            in_y1, in_x1 = min(y1 + tile_pad, big_h), min(x1 + tile_pad, big_w)
+            res = _forward_padded(net, img[..., in_y0:in_y1, in_x0:in_x1], scale, pad_multiple)
+            if out is None:
+                out = torch.zeros(b, res.shape[1], big_h * scale, big_w * scale, device=lq.device)
+            cy, cx = (y0 - in_y0) * scale, (x0 - in_x0) * scale
+            out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+                res[..., cy:cy + (y1 - y0) * scale, cx:cx + (x1 - x0) * scale]
+    return out[..., :h * scale, :w * scale]
+
+
 def restore_image(net: nn.Module, lq: torch.Tensor, scale: int, *, tile_size: Optional[int] = None,
-                  tile_overlap: int = 32, pad_multiple: int = 1, official_protocol: bool = False,
+                  tile_overlap: int = DEFAULT_TILE_OVERLAP, pad_multiple: int = 1, official_protocol: bool = False,
                   max_pixels: Optional[int] = None, official_chop: int = OFFICIAL_CHOP,
-                  official_padding_size: int = OFFICIAL_PAD,
-                  amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                  official_padding_size: int = OFFICIAL_PAD, amp_dtype: Optional[torch.dtype] = None,
+                  tile_mode: Optional[str] = None) -> torch.Tensor:
     """Super-resolve ``lq`` of any size with ``net``.
 
     Runs under ``torch.no_grad()`` (inside); does not change ``net.train()``/``eval()`` mode, so
-    callers put the net in eval mode themselves.
+    callers put the net in eval mode themselves. :meth:`InferenceSettings.restore_kwargs` gives
+    the keyword arguments for an option file.
 
     Args:
         net: maps (B, C, H, W) -> (B, C', H*scale, W*scale) for H, W multiples of ``pad_multiple``.
         lq: (B, C, h, w) float input, range as the net expects (usually [0, 1]).
         scale: upscaling factor of ``net``.
-        tile_size: LR tile size in px; None = whole image unless ``h*w > max_pixels``.
-        tile_overlap: minimum overlap between neighbouring tiles, LR px.
+        tile_size: LR tile size in px (``blend``, ``hat``).
+        tile_overlap: ``blend``/``auto``: minimum overlap between neighbouring tiles; ``hat``: the
+            context (``tile_pad``) added on every side of a tile. LR px.
         pad_multiple: the arch's required input multiple (window / scan size); inputs are padded
             at the bottom/right (reflect; replicate when the image is smaller than the pad).
         official_protocol: reproduce the official MambaCSR chop test (see module docstring);
-            ``tile_size``/``pad_multiple``/``max_pixels`` are then ignored.
-        max_pixels: automatic tiling budget (LR px per forward); None = ``DEFAULT_MAX_PIXELS``,
+            the tile options, ``pad_multiple`` and ``max_pixels`` are then ignored.
+        max_pixels: ``auto`` tiling budget (LR px per forward); None = ``DEFAULT_MAX_PIXELS``,
             0 = never tile automatically. Auto tiles are ``DEFAULT_AUTO_TILE`` px, or smaller to fit.
-        official_chop, official_padding_size: official protocol constants (192, 64).
+        official_chop, official_padding_size: official protocol constants (192, ``padding_size`` 64).
         amp_dtype: optional ``torch.autocast`` dtype (bf16/fp16) for the forward passes.
+        tile_mode: one of :data:`TILE_MODES`; None = ``blend`` when ``tile_size`` is given, else ``auto``.
 
     Returns:
         (B, C', h*scale, w*scale) float32 tensor on ``lq``'s device.
@@ -174,19 +250,32 @@ def restore_image(net: nn.Module, lq: torch.Tensor, scale: int, *, tile_size: Op
         raise ValueError(f'restore_image expects lq of shape (B, C, h, w), got {tuple(lq.shape)}')
     if scale < 1 or pad_multiple < 1:
         raise ValueError(f'scale ({scale}) and pad_multiple ({pad_multiple}) must be >= 1')
+    if tile_mode is None:
+        tile_mode = 'blend' if tile_size else 'auto'
+    if tile_mode not in TILE_MODES:
+        raise ValueError(f'tile mode {tile_mode!r} is not one of {", ".join(TILE_MODES)}')
+    if tile_mode in ('blend', 'hat') and not tile_size:
+        raise ValueError(f"tile mode '{tile_mode}' needs a tile size >= 1 (got {tile_size!r})")
+    if tile_overlap < 0:
+        raise ValueError(f'tile overlap must be >= 0 (got {tile_overlap})')
     h, w = lq.shape[-2:]
-    if tile_size is None and not official_protocol:
+    if tile_mode == 'auto':
+        tile_size = None
         budget = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         if budget and h * w > budget:
             tile_size = min(DEFAULT_AUTO_TILE, max(int(math.isqrt(budget)), 2 * tile_overlap + 1))
-    if tile_size is not None and tile_size <= tile_overlap:
+    elif tile_mode == 'none':
+        tile_size = None
+    if tile_mode != 'hat' and tile_size is not None and tile_size <= tile_overlap:
         raise ValueError(f'tile size ({tile_size}) must exceed tile overlap ({tile_overlap}): set val.tile.size '
-                         f'larger or val.tile.overlap smaller in the option file.')
+                         f'larger or val.tile.overlap smaller in the option file (--tile / --tile-overlap).')
     autocast = (torch.autocast(device_type=lq.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     with torch.no_grad(), autocast:
         if official_protocol:
             return _restore_official(net, lq, scale, official_chop, official_padding_size)
+        if tile_mode == 'hat':
+            return _restore_hat_tiles(net, lq, scale, tile_size, tile_overlap, pad_multiple)
         if tile_size is None or (h <= tile_size and w <= tile_size):
             return _forward_padded(net, lq, scale, pad_multiple)
         return _restore_tiled(net, lq, scale, tile_size, tile_overlap, pad_multiple)
@@ -197,3 +286,183 @@ def tile_grid(h: int, w: int, tile_size: int, tile_overlap: int) -> Sequence[Tup
     th, tw = min(tile_size, h), min(tile_size, w)
     overlap = max(0, min(tile_overlap, tile_size - 1))
     return [(y, x) for y in _tile_starts(h, th, overlap) for x in _tile_starts(w, tw, overlap)]
+
+
+# ----------------------------------------------------------------------------- settings: ONE resolver
+VAL_TILE_KEYS = ('size', 'overlap')
+HAT_TILE_KEYS = ('tile_size', 'tile_pad')
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How images are restored: the output of :func:`resolve_inference_settings`.
+
+    Fields (LR px): ``tile_mode`` (one of :data:`TILE_MODES`), ``tile_size`` (``blend``/``hat``;
+    None otherwise), ``tile_overlap`` (``blend``/``auto``: minimum overlap; ``hat``: HAT's
+    ``tile_pad``), ``max_pixels`` (``auto`` budget; None = :data:`DEFAULT_MAX_PIXELS`),
+    ``pad_multiple`` (None = the network's, :func:`arch_pad_multiple`), ``amp_dtype``,
+    ``official_protocol`` and ``padding_size`` (the official MambaCSR chop test). ``notes``: lines
+    worth logging once (e.g. "official MambaCSR test protocol: padding_size 64"); not compared.
+    """
+    tile_mode: str = 'auto'
+    tile_size: Optional[int] = None
+    tile_overlap: int = DEFAULT_TILE_OVERLAP
+    max_pixels: Optional[int] = None
+    pad_multiple: Optional[int] = None
+    amp_dtype: Optional[torch.dtype] = None
+    official_protocol: bool = False
+    padding_size: int = OFFICIAL_PAD
+    notes: Tuple[str, ...] = field(default=(), compare=False)
+
+    def resolved_pad_multiple(self, net: nn.Module) -> int:
+        """``pad_multiple`` if set, else what ``net`` declares (:func:`arch_pad_multiple`)."""
+        return self.pad_multiple if self.pad_multiple is not None else arch_pad_multiple(net)
+
+    def restore_kwargs(self, net: nn.Module) -> Dict[str, Any]:
+        """Keyword arguments of :func:`restore_image` for ``net`` (the bare module)."""
+        return dict(tile_mode=self.tile_mode, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
+                    pad_multiple=self.resolved_pad_multiple(net), max_pixels=self.max_pixels,
+                    official_protocol=self.official_protocol, official_padding_size=self.padding_size,
+                    amp_dtype=self.amp_dtype)
+
+
+def _int_option(value: Any, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f'{where} must be an integer >= {minimum} (got {value!r}).')
+    return value
+
+
+def _tile_section(value: Any, key: str, valid: Sequence[str], required: Sequence[str], example: str,
+                  source: str) -> Optional[Mapping[str, Any]]:
+    """The mapping under ``key`` (None when absent, ``~`` or false); unknown keys are errors."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f'{source}: {key} must be a mapping such as {example}, got {value!r}.')
+    unknown = [str(k) for k in value if k not in valid]
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(f'{key}.{k}' for k in unknown)}; the valid keys "
+                         f"under {key} are {', '.join(valid)} (e.g. {key}: {example}).")
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ValueError(f"{source}: {key} needs {', '.join(missing)} (e.g. {key}: {example}).")
+    return value
+
+
+def _settings_from_options(opt: Mapping[str, Any], source: str) -> Dict[str, Any]:
+    """Field values from an option file (see module doc for the keys)."""
+    val = opt.get('val') or {}
+    if not isinstance(val, Mapping):
+        raise ValueError(f'{source}: val must be a mapping, got {val!r}.')
+    fields: Dict[str, Any] = dict(tile_mode='auto', tile_size=None, tile_overlap=DEFAULT_TILE_OVERLAP,
+                                  max_pixels=None, pad_multiple=None, amp_dtype=None, official_protocol=False,
+                                  padding_size=OFFICIAL_PAD)
+    val_tile = _tile_section(val.get('tile'), 'val.tile', VAL_TILE_KEYS, ('size', ), '{size: 192, overlap: 32}',
+                             source)
+    hat_tile = _tile_section(opt.get('tile'), 'tile', HAT_TILE_KEYS, HAT_TILE_KEYS, '{tile_size: 512, tile_pad: 32}',
+                             source)
+    if val_tile is not None and hat_tile is not None:
+        raise ValueError(f"{source}: both val.tile (our blended tiles) and the top-level tile (HAT's hard-cropped "
+                         f'tiles) are set; keep one of them.')
+    if val_tile is not None:
+        size = _int_option(val_tile['size'], f'{source}: val.tile.size', 0)
+        overlap = _int_option(val_tile.get('overlap', DEFAULT_TILE_OVERLAP), f'{source}: val.tile.overlap', 0)
+        fields.update(tile_mode='blend' if size else 'none', tile_size=size or None, tile_overlap=overlap)
+    if hat_tile is not None:
+        fields.update(tile_mode='hat', tile_size=_int_option(hat_tile['tile_size'], f'{source}: tile.tile_size', 1),
+                      tile_overlap=_int_option(hat_tile['tile_pad'], f'{source}: tile.tile_pad', 0))
+    padding_size = opt.get('padding_size')
+    if padding_size is not None:
+        fields['padding_size'] = _int_option(padding_size, f'{source}: padding_size', 1)
+    official = val.get('official_protocol')
+    if official is None:
+        official = padding_size is not None  # the official MambaCSR files set padding_size, never our key
+    elif not isinstance(official, bool):
+        raise ValueError(f'{source}: val.official_protocol must be true or false (got {official!r}).')
+    if official and fields['tile_mode'] in ('blend', 'hat'):
+        raise ValueError(f'{source}: the official MambaCSR test protocol (top-level padding_size / '
+                         f"val.official_protocol) cuts its own chops, and {'val.tile' if val_tile else 'tile'} asks "
+                         f'for tiles; set val.official_protocol: false to use the tiles, or remove the tile key.')
+    fields['official_protocol'] = official
+    if val.get('max_pixels') is not None:
+        fields['max_pixels'] = _int_option(val['max_pixels'], f'{source}: val.max_pixels', 0)
+    if val.get('pad_multiple') is not None:
+        fields['pad_multiple'] = _int_option(val['pad_multiple'], f'{source}: val.pad_multiple', 1)
+    fields['amp_dtype'] = parse_amp(val.get('use_amp'), f'{source}: val')
+    return fields
+
+
+def _apply_flags(fields: Dict[str, Any], flags: Mapping[str, Any]) -> None:
+    """Command-line overrides (None = not given) on top of the option file's ``fields``."""
+    tile_choice = flags['tile_size'] is not None or flags['tile_mode'] is not None
+    if flags['tile_size'] is not None:
+        size = _int_option(flags['tile_size'], '--tile', 0)
+        mode = fields['tile_mode'] if fields['tile_mode'] in ('blend', 'hat') else 'blend'
+        fields.update(tile_mode=mode if size else 'none', tile_size=size or None)
+    if flags['tile_overlap'] is not None:
+        fields['tile_overlap'] = _int_option(flags['tile_overlap'], '--tile-overlap', 0)
+    if flags['tile_mode'] is not None:
+        mode = flags['tile_mode']
+        if mode not in TILE_MODES:
+            raise ValueError(f"--tile-mode must be one of {', '.join(TILE_MODES)} (got {mode!r}).")
+        if mode in ('blend', 'hat') and fields['tile_size'] is None:
+            raise ValueError(f'--tile-mode {mode} needs a tile size: add --tile N (LR px).')
+        fields.update(tile_mode=mode, tile_size=fields['tile_size'] if mode in ('blend', 'hat') else None)
+    if flags['padding_size'] is not None:
+        fields['padding_size'] = _int_option(flags['padding_size'], '--padding-size', 1)
+    if flags['official_protocol'] is not None or flags['padding_size'] is not None:
+        # like the top-level key, --padding-size alone turns the protocol on; the flags beat the file's tiles
+        official = flags['official_protocol'] is not False
+        if official and not tile_choice and fields['tile_mode'] in ('blend', 'hat'):
+            fields.update(tile_mode='auto', tile_size=None)
+        fields['official_protocol'] = official
+    elif tile_choice:
+        fields['official_protocol'] = False  # a tile flag beats the option file's official protocol
+    if fields['official_protocol'] and fields['tile_mode'] in ('blend', 'hat'):
+        raise ValueError('--official-protocol/--padding-size and --tile/--tile-mode exclude each other: the '
+                         'official protocol cuts its own chops. Pass one of them.')
+    if flags['max_pixels'] is not None:
+        fields['max_pixels'] = _int_option(flags['max_pixels'], '--max-pixels', 0)
+    if flags['pad_multiple'] is not None:
+        fields['pad_multiple'] = _int_option(flags['pad_multiple'], '--pad-multiple', 1)
+    if flags['amp'] is not None:
+        fields['amp_dtype'] = parse_amp(flags['amp'], '--fp16/--bf16/--fp32')
+
+
+def _notes(fields: Mapping[str, Any]) -> Tuple[str, ...]:
+    if fields['official_protocol']:
+        return (f"official MambaCSR test protocol: padding_size {fields['padding_size']} (chops of about "
+                f'{OFFICIAL_CHOP} LR px pasted without blending; val.official_protocol: false for whole images '
+                f'or val.tile)',)
+    if fields['tile_mode'] == 'hat':
+        return (f"HAT tiles: tile_size {fields['tile_size']}, tile_pad {fields['tile_overlap']} (hard-cropped as "
+                f"XPixelGroup/HAT's tile_process; val.tile: {{size, overlap}} for blended tiles)",)
+    return ()
+
+
+def resolve_inference_settings(opt: Optional[Mapping[str, Any]] = None, *, source: str = 'option file',
+                               tile_size: Optional[int] = None, tile_overlap: Optional[int] = None,
+                               tile_mode: Optional[str] = None, max_pixels: Optional[int] = None,
+                               pad_multiple: Optional[int] = None, amp: Optional[str] = None,
+                               official_protocol: Optional[bool] = None,
+                               padding_size: Optional[int] = None) -> InferenceSettings:
+    """ONE place that turns an option file and ``basicsr infer``'s flags into :class:`InferenceSettings`.
+
+    ``opt``: the parsed option file (its ``val`` section, top-level ``tile`` and ``padding_size``;
+    see the module doc). Keyword arguments are the command-line overrides (None = flag not given):
+    ``tile_size`` (``--tile``; 0 = never tile), ``tile_overlap``, ``tile_mode``, ``max_pixels``,
+    ``pad_multiple``, ``amp`` (``'bf16'``/``'fp16'``/``'fp32'``), ``official_protocol`` (True/False)
+    and ``padding_size`` (turns the official protocol on, as the top-level key does). A tile flag
+    overrides the file's official protocol and an official-protocol flag the file's tiles.
+
+    Raises ValueError naming the option key or flag on any invalid, misspelt or conflicting value.
+    """
+    fields = _settings_from_options(opt or {}, source)
+    _apply_flags(fields, dict(tile_size=tile_size, tile_overlap=tile_overlap, tile_mode=tile_mode,
+                              max_pixels=max_pixels, pad_multiple=pad_multiple, amp=amp,
+                              official_protocol=official_protocol, padding_size=padding_size))
+    if fields['tile_mode'] == 'blend' and fields['tile_size'] <= fields['tile_overlap']:
+        raise ValueError(f"{source}: tile size ({fields['tile_size']}) must exceed the tile overlap "
+                         f"({fields['tile_overlap']}): raise val.tile.size (--tile) or lower val.tile.overlap "
+                         f'(--tile-overlap).')
+    return InferenceSettings(notes=_notes(fields), **fields)

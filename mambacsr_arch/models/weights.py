@@ -7,8 +7,11 @@ means the file *is* the state dict), strips ``module.`` prefixes (DataParallel/D
 loads it. With ``strict=True`` a mismatch raises one RuntimeError listing the missing,
 unexpected and wrongly shaped keys and the most likely wrong hyper-parameter. Archs that
 override ``load_state_dict`` with their own diagnosis (e.g. HAT) keep it: their message is
-used instead of the generic one. With ``strict=False`` shape-mismatched keys are skipped with a
-warning (BasicSR behaviour) and the rest is loaded.
+used instead of the generic one. With ``strict=False`` (``path.strict_load_g: false``, as the
+official test files set) every tensor that matches is loaded, and every key that did not load is
+listed in one warning on the ``basicsr`` logger: model tensors missing from the checkpoint or of
+another shape (they keep their initial, random values) and checkpoint keys the model lacks. A
+checkpoint of which not one tensor fits raises instead of leaving the whole network random.
 """
 from __future__ import annotations
 
@@ -142,8 +145,11 @@ def _has_own_diagnosis(net: nn.Module) -> bool:
 
 
 def load_state(net: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True,
-               source: str = 'checkpoint') -> None:
-    """Load a cleaned state dict into a bare ``net`` (see module doc for strict / non-strict)."""
+               source: str = 'checkpoint') -> List[str]:
+    """Load a cleaned state dict into a bare ``net`` (see module doc for strict / non-strict).
+
+    Returns the model keys that did not load (always empty with ``strict=True``).
+    """
     if strict:
         if not _has_own_diagnosis(net):
             message = describe_mismatch(net, state, source)
@@ -153,20 +159,28 @@ def load_state(net: nn.Module, state: Mapping[str, torch.Tensor], strict: bool =
             net.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise RuntimeError(f'{source}: {err}') from err
-        return
+        return []
     own = net.state_dict()
-    filtered = OrderedDict()
-    for key, value in state.items():
-        if key in own and tuple(own[key].shape) != tuple(value.shape):
-            logger.warning(f'{source}: skipping {key}: checkpoint {tuple(value.shape)} vs model '
-                           f'{tuple(own[key].shape)}')
-            continue
-        filtered[key] = value
-    result = net.load_state_dict(filtered, strict=False)
-    if result.missing_keys:
-        logger.warning(f'{source}: not in checkpoint (left as initialised): {preview(result.missing_keys)}')
-    if result.unexpected_keys:
-        logger.warning(f'{source}: ignored keys not in the model: {preview(result.unexpected_keys)}')
+    wrong = [key for key, value in state.items() if key in own and tuple(own[key].shape) != tuple(value.shape)]
+    if own and len(wrong) + sum(key not in own for key in state) == len(state):
+        raise RuntimeError(f'{source}: not one tensor fits {type(net).__name__} (path.strict_load_g: false loads '
+                           f'matching keys only, so the whole network would stay random). Is this checkpoint for '
+                           f'this arch and these network_g options? First checkpoint keys: {preview(list(state))}')
+    result = net.load_state_dict(OrderedDict((k, v) for k, v in state.items() if k not in wrong), strict=False)
+    wrong_set = set(wrong)
+    missing = [key for key in result.missing_keys if key not in wrong_set]
+    sections = [('model tensors not in the checkpoint (left as initialised, i.e. random)', missing),
+                ('tensors of another shape (left as initialised)',
+                 [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}' for k in wrong]),
+                ('checkpoint keys the model does not have (ignored)', list(result.unexpected_keys))]
+    if any(keys for _, keys in sections):
+        lines = [f'{source}: loaded with path.strict_load_g: false, and NOT everything loaded:']
+        for title, keys in sections:
+            if keys:
+                lines.append(f'  {title} ({len(keys)}):')
+                lines.extend(f'    {key}' for key in keys)
+        logger.warning('\n'.join(lines))
+    return list(result.missing_keys)
 
 
 def load_weights(net: nn.Module, path: Union[str, os.PathLike], param_key: Optional[str] = 'params',
@@ -178,6 +192,8 @@ def load_weights(net: nn.Module, path: Union[str, os.PathLike], param_key: Optio
     checkpoint = read_checkpoint(path)
     state, key_used = select_params(checkpoint, param_key, source=f"'{os.fspath(path)}'")
     source = f"'{os.fspath(path)}' [{key_used or 'root'}]"
-    load_state(net, state, strict=strict, source=source)
-    logger.info(f'Loaded {type(net).__name__} from {source} (strict={strict}).')
+    not_loaded = load_state(net, state, strict=strict, source=source)
+    total = len(net.state_dict())
+    logger.info(f'Loaded {type(net).__name__} from {source} (strict={strict}): '
+                f'{total - len(not_loaded)} of {total} tensors.')
     return key_used
