@@ -24,10 +24,16 @@ Backends
 ``torch``      portable chunked PyTorch (any device), stable, bounded memory via checkpointing
                (a step loop on CPU, a Hillis-Steele scan within chunks elsewhere).
 ``reference``  the plain sequential loop; for tests only.
+``triton``     fused Triton kernels for CUDA tensors, forward and backward (a chunked parallel scan,
+               state checkpoints per chunk, recomputed in backward); nothing to compile by hand,
+               Triton ships with CUDA builds of PyTorch. ``TRITON_INTERPRET=1`` runs it on CPU
+               tensors through Triton's interpreter (slow; how CI tests it).
 
 Selection: ``backend=`` argument > ``MAMBACSR_SCAN_BACKEND`` environment variable > automatic
-(``mamba_ssm`` for CUDA if importable else ``torch``; ``cpu`` for CPU tensors if numba imports else
-``torch``). The choice is logged once per process on the ``basicsr`` logger.
+(``mamba_ssm`` for CUDA if importable, else ``triton`` if its kernels run on the GPU, else ``torch``;
+``cpu`` for CPU tensors if numba imports else ``torch``). The choice is logged once per process on
+the ``basicsr`` logger. The backends are rows of ``dispatch.TABLE``: a new backend is one module
+plus one row.
 """
 from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
 

@@ -182,10 +182,7 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
          delta_softplus: bool, return_last_state: bool):
     """Full fused selective scan on CPU tensors (shapes as in ``selective_scan``, B/C 4-D).
 
-    Returns (out float32 (batch, dim, L), last_state (batch, dim, N) or None)."""
-    batch, dim, length = u.shape
-    if batch == 0 or length == 0:
-        out = u.new_zeros(u.shape, dtype=torch.float32)
-        return out, (out.new_zeros((batch, dim, A.shape[1])) if return_last_state else None)
+    Not empty (the dispatcher answers empty inputs). Returns (out float32 (batch, dim, L), last_state
+    (batch, dim, N) or None)."""
     out, last = _CpuScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return out, (last if return_last_state else None)

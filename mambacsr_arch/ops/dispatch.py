@@ -4,7 +4,9 @@ Selection rule (first that applies):
 
 1. the ``backend=`` argument;
 2. the environment variable ``MAMBACSR_SCAN_BACKEND``;
-3. automatic: CUDA tensors use ``mamba_ssm`` if it imports, else ``torch``; CPU tensors use ``cpu``
+3. automatic: the first usable row of :data:`TABLE` by ``auto`` rank that runs on the tensors'
+   device: CUDA tensors use ``mamba_ssm`` if it imports, else ``triton`` if it imports and its
+   kernels run on the GPU (checked once with a tiny scan), else ``torch``; CPU tensors use ``cpu``
    (the numba kernel) if numba imports, else ``torch``; other devices use ``torch``.
 
 An explicit request (1 or 2) that cannot be honoured raises an error naming the missing package and
@@ -16,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Dict, Optional, Set, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +27,35 @@ import torch.nn.functional as F
 from . import mamba_ssm_backend, reference, torch_scan
 
 ENV_VAR = 'MAMBACSR_SCAN_BACKEND'
-BACKENDS = ('mamba_ssm', 'cpu', 'torch', 'reference')
 logger = logging.getLogger('basicsr')
 _LOGGED: Set[Tuple[str, str]] = set()
 _AVAILABILITY: Dict[str, Optional[str]] = {}  # backend -> None or reason; probed once per process
+
+# run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state) -> (out, last_state or None);
+# B, C are 4-D; out may be in any float dtype (the dispatcher casts it to u's dtype)
+RunFn = Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the backend table.
+
+    name: the ``backend=`` / ``MAMBACSR_SCAN_BACKEND`` value. devices: the device types it runs on
+    (called at selection time; None means any). probe: None if usable in this process, else why not
+    (with the fix); called once, then cached. run: the scan itself. auto: its rank in the automatic
+    choice (lower first; None: only on request); why: the reason logged when chosen automatically;
+    device_hint: added to the error when it is requested for tensors on another device.
+    """
+    name: str
+    devices: Optional[Callable[[], Tuple[str, ...]]]
+    probe: Callable[[], Optional[str]]
+    run: RunFn
+    auto: Optional[int]
+    why: str = ''
+    device_hint: str = ''
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.devices is None or device_type in self.devices()
 
 
 def _cpu_module():
@@ -35,15 +63,50 @@ def _cpu_module():
     return cpu_scan
 
 
+def _triton_module():
+    from . import triton_scan  # deferred: triton is imported only when the triton backend is considered
+    return triton_scan
+
+
+def _run_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    result = mamba_ssm_backend.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return result if return_last_state else (result, None)
+
+
+def _unfused_runner(core_of: Callable[[], Callable[..., Any]]) -> RunFn:
+    """run function of a backend that only implements the bare recurrence ``core_of()``."""
+    def run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        return _unfused(core_of(), u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return run
+
+
+def _always() -> Optional[str]:
+    return None
+
+
+# The backend table, in the order error messages list the names. A new backend is one module
+# plus one row here.
+TABLE: Tuple[Backend, ...] = (
+    Backend('mamba_ssm', lambda: ('cuda',), lambda: mamba_ssm_backend.unavailable_reason(), _run_mamba_ssm,
+            auto=0, why='mamba_ssm imports'),
+    Backend('cpu', lambda: ('cpu',), lambda: _cpu_module().unavailable_reason(),
+            lambda *args: _cpu_module().scan(*args), auto=2, why='numba imports (fused kernel)'),
+    Backend('torch', None, _always, _unfused_runner(lambda: torch_scan.scan_core), auto=3,
+            why='the portable PyTorch backend'),
+    Backend('reference', None, _always, _unfused_runner(lambda: reference.scan_core), auto=None),
+    Backend('triton', lambda: _triton_module().devices(), lambda: _triton_module().unavailable_reason(),
+            lambda *args: _triton_module().scan(*args), auto=1,
+            why='the Triton kernels run on this GPU',
+            device_hint=' (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for tests)'),
+)
+BACKENDS = tuple(row.name for row in TABLE)
+_ROWS = {row.name: row for row in TABLE}
+
+
 def _unavailable(name: str) -> Optional[str]:
     """None if backend ``name`` is usable, else why not (probed once, then cached)."""
     if name not in _AVAILABILITY:
-        if name == 'mamba_ssm':
-            _AVAILABILITY[name] = mamba_ssm_backend.unavailable_reason()
-        elif name == 'cpu':
-            _AVAILABILITY[name] = _cpu_module().unavailable_reason()
-        else:
-            _AVAILABILITY[name] = None
+        _AVAILABILITY[name] = _ROWS[name].probe()
     return _AVAILABILITY[name]
 
 
@@ -58,42 +121,42 @@ def _device_type(device: Union[torch.device, str, None]) -> str:
     return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
+def _others_for(device_type: str) -> str:
+    return ' or '.join(f"'{row.name}'" for row in TABLE if row.auto is not None and row.runs_on(device_type))
+
+
 def resolve_backend(device: Union[torch.device, str, None],
                     backend: Optional[str] = None) -> Tuple[str, str]:
     """Apply the selection rule for tensors on ``device``; return (backend name, human reason).
 
     Raises ValueError for an unknown name, RuntimeError for an explicit request that cannot be
-    honoured (missing package, or ``mamba_ssm``/``cpu`` asked for tensors on the wrong device).
+    honoured (missing package, or a backend asked for tensors on a device it does not run on).
     """
     dev = _device_type(device)
     source = 'backend= argument'
     if backend is None and os.environ.get(ENV_VAR):
         backend, source = os.environ[ENV_VAR].strip(), f'{ENV_VAR} environment variable'
     if backend is not None:
-        if backend not in BACKENDS:
+        row = _ROWS.get(backend)
+        if row is None:
             raise ValueError(f"unknown selective-scan backend '{backend}' (from {source}); "
                              f"choose one of {', '.join(BACKENDS)}")
-        if backend == 'mamba_ssm' and dev != 'cuda':
-            raise RuntimeError(f"selective-scan backend 'mamba_ssm' (from {source}) needs CUDA tensors, "
-                               f"got {dev}; use backend 'cpu' or 'torch'")
-        if backend == 'cpu' and dev != 'cpu':
-            raise RuntimeError(f"selective-scan backend 'cpu' (from {source}) needs CPU tensors, got {dev}; "
-                               f"use backend 'torch' or 'mamba_ssm'")
+        if not row.runs_on(dev):
+            raise RuntimeError(f"selective-scan backend '{backend}' (from {source}) needs "
+                               f"{'/'.join(d.upper() for d in row.devices())} tensors, got {dev}{row.device_hint}; "
+                               f'use backend {_others_for(dev)}')
         reason = _unavailable(backend)
         if reason is not None:
             raise RuntimeError(f"selective-scan backend '{backend}' requested by {source} is unavailable: {reason}")
         return backend, f'requested by {source}'
-    if dev == 'cuda':
-        reason = _unavailable('mamba_ssm')
+    skipped = []
+    for row in sorted((r for r in TABLE if r.auto is not None and r.runs_on(dev)), key=lambda r: r.auto):
+        reason = _unavailable(row.name)
         if reason is None:
-            return 'mamba_ssm', 'CUDA tensors and mamba_ssm imports'
-        return 'torch', f'CUDA tensors but {reason}'
-    if dev == 'cpu':
-        reason = _unavailable('cpu')
-        if reason is None:
-            return 'cpu', 'CPU tensors: numba kernel'
-        return 'torch', f'CPU tensors but the cpu kernel is unavailable: {reason}'
-    return 'torch', f'{dev} tensors: portable PyTorch backend'
+            label = dev.upper() if dev in ('cpu', 'cuda') else dev
+            return row.name, f'{label} tensors and {row.why}' + (f" ({'; '.join(skipped)})" if skipped else '')
+        skipped.append(f'{row.name}: {reason}')
+    raise RuntimeError(f'no selective-scan backend runs on {dev} tensors')  # unreachable: torch runs anywhere
 
 
 def _log_choice(device_type: str, name: str, reason: str) -> None:
@@ -175,19 +238,10 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name, reason = resolve_backend(u.device, backend)
     _log_choice(u.device.type, name, reason)
+    if u.numel() == 0:  # nothing to scan (no backend needs to handle it)
+        out = u.new_zeros(u.shape)
+        return (out, out.new_zeros(u.shape[:2] + (A.shape[1],), dtype=torch.float32)) if return_last_state else out
     with _autocast_off(u.device.type):
-        if name == 'mamba_ssm':
-            result = mamba_ssm_backend.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                            return_last_state)
-            if return_last_state:
-                return result[0].to(u.dtype), result[1]
-            return result.to(u.dtype)
-        if name == 'cpu':
-            out, last_state = _cpu_module().scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                 return_last_state)
-        else:
-            core = torch_scan.scan_core if name == 'torch' else reference.scan_core
-            out, last_state = _unfused(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                       return_last_state)
+        out, last_state = _ROWS[name].run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         out = out.to(u.dtype)
     return (out, last_state) if return_last_state else out
