@@ -174,3 +174,7 @@ def test_link_loop_in_the_gt_folder_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and 'not a folder' in err
     with pytest.raises(PrepareError, match='not a folder'):
         prepare_csr(config(gt_dir, gt_dir / 'astronaut.png'))
+    (tmp_path / 'blocked').mkdir()
+    os.symlink(tmp_path / 'blocked' / 'GT', tmp_path / 'blocked' / 'GT')  # an output folder that is a link loop
+    with pytest.raises(PrepareError, match='link loop is in the way'):
+        prepare_csr(config(gt_dir, tmp_path / 'blocked'))

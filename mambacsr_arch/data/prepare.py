@@ -21,8 +21,9 @@ no half-written PNG. Per image, the sub-images are written before the whole imag
 existing ``LQ_q<Q>/<stem>.png`` (or ``GT/<stem>.png``) means that part is complete and a re-run
 skips it. A corrupt input is reported, listed in the manifest and skipped; the others finish.
 Re-running with a different scale, downsample or crop/step/thresh into the same ``out`` is refused
-(new qualities and new source images are fine). Do not run two instances on one ``out`` at once:
-each removes the other's in-progress temporaries on start.
+(new qualities and new source images are fine; every run completes all the qualities ``out``
+holds). Do not run two instances on one ``out`` at once: each removes the other's in-progress
+temporaries on start.
 
 Content checks (nothing prepared is reused on the strength of its name alone):
 
@@ -34,7 +35,7 @@ Content checks (nothing prepared is reused on the strength of its name alone):
   that image's outputs, in every ``GT``/``LQ_q<Q>`` folder and their ``_sub`` folders, are removed
   and remade from the new content (listed in ``regenerated``). A worker hashes the bytes it decodes,
   so a file changed during the run is reported, not half-used. Outputs of sources that left the
-  folder are kept.
+  folder are kept; a source that cannot be read is reported as failed and its outputs are left alone.
 * LMDBs: ``<folder>.lmdb/prepare_csr.json`` records, per key, the size and ``mtime_ns`` of the PNG
   it was built from and the SHA-256 of that PNG's source. The LMDB is reused only when all of these
   still match (our PNGs are only ever replaced by a rename, which gives a new mtime); otherwise it
@@ -508,15 +509,17 @@ def prepare_csr(config: PrepareConfig) -> PrepareResult:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as err:
-            raise PrepareError(f'--out: cannot create {path!r} ({err.strerror or err}).') from None
+            reason = 'a broken symbolic link or a link loop is in the way' if osp.islink(path) else err.strerror or err
+            raise PrepareError(f'--out: cannot create {path!r} ({reason}); remove it or choose another --out.') \
+                from None
         _remove_stale_temporaries(path)
     # record the options and source hashes before any output exists, so a killed run is still checked on resume
     _write_manifest(cfg, qualities_all, PrepareResult(inputs=len(sources), written=0, skipped=0), records,
                     complete=False)
     shared = {k: getattr(cfg, k) for k in ('out_dir', 'scale', 'downsample', 'crop', 'step', 'thresh')}
-    changed = set(regenerated)
-    tasks = [(path, stem, current[stem]['sha256'], qualities_all if stem in changed else cfg.qualities, shared)
-             for path, stem in sources if stem in current]
+    # every quality --out holds, not only the requested ones: a regenerated image (or one whose LQ was
+    # removed) must not be left without an LQ in an older LQ_q<Q> folder
+    tasks = [(path, stem, current[stem]['sha256'], qualities_all, shared) for path, stem in sources if stem in current]
     results = _run_tasks(tasks, cfg)
 
     by_stem = {stem: path for path, stem in sources}
