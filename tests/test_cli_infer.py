@@ -83,7 +83,8 @@ def test_mixed_folder_sizes_layouts_and_one_corrupt_file(tmp_path, ckpts, capsys
     assert 'broken.png' in captured.err and '1 failed' in captured.out and '5 written' in captured.out
     expected = {'rgb_x4.png': (68, 92), 'gray_x4.png': (80, 64), 'rgba_x4.png': (36, 124),
                 'deep_x4.png': (68, 92), 'photo_x4.png': (96, 96)}
-    assert sorted(os.listdir(out)) == sorted(expected)  # no temp files, nothing for the corrupt file
+    # no temp files, nothing for the corrupt file; the manifest of what infer wrote (see infer's module doc)
+    assert sorted(os.listdir(out)) == sorted(list(expected) + ['.basicsr-infer.json'])
     for name, size in expected.items():
         img = _read(out / name)
         assert img.dtype == np.uint8 and img.shape == size + (3,), (name, img.shape)
@@ -145,8 +146,8 @@ def test_inputs_are_never_overwritten(tmp_path, ckpts, capsys):
     src.mkdir()
     cv2.imwrite(str(src / 'a.png'), photo_bgr('chelsea', (8, 8)))
     before = (src / 'a.png').read_bytes()
-    assert _infer(['-i', src, '-o', src, '--overwrite'] + _arch_args('MSRResNet', ckpts)) == 1
-    assert 'would replace this input' in capsys.readouterr().err
+    assert _infer(['-i', src, '-o', src, '--overwrite'] + _arch_args('MSRResNet', ckpts)) == 2  # refused, unrun
+    assert 'is this input itself' in capsys.readouterr().err
     assert (src / 'a.png').read_bytes() == before
     assert _infer(['-i', src, '-o', src, '--suffix', '_x4'] + _arch_args('MSRResNet', ckpts)) == 0
     assert _read(src / 'a_x4.png').shape == (32, 32, 3)

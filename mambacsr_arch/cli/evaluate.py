@@ -16,19 +16,23 @@ those ``basicsr test`` reports for the same images.
 
 Exit codes: 0 every pair scored; 1 some pairs failed (unreadable file, size mismatch, image
 smaller than the crop border; each reported on one line, the others still scored);
-2 configuration error (missing folder, no images, unpaired or ambiguous files).
+2 configuration error (missing folder, no images, a symbolic-link loop named like an image,
+unpaired or ambiguous files, a ``--csv``/``--json`` destination that cannot be written: checked
+before scoring; both files are written atomically, so a failed write leaves any earlier file whole).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
 import os.path as osp
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 EXIT_OK, EXIT_FAILED_PAIRS, EXIT_CONFIG = 0, 1, 2
 
@@ -67,11 +71,14 @@ def _stem(path: str) -> str:
 
 
 def _image_files(folder: str, flag: str) -> List[str]:
-    from mambacsr_arch.data.image_io import list_image_files
+    from mambacsr_arch.data.image_io import ImageFolderError, list_image_files
 
     if not osp.isdir(folder):
         raise EvalError(f"{flag} folder '{folder}' does not exist or is not a folder.")
-    files = list_image_files(folder)
+    try:
+        files = list_image_files(folder)
+    except ImageFolderError as err:  # e.g. a symbolic-link loop named like an image
+        raise EvalError(f'cannot list the {flag} folder: {err}') from err
     if not files:
         raise EvalError(f"{flag} folder '{folder}' has no images (png, jpg, bmp, tif, webp, ...).")
     return files
@@ -189,19 +196,58 @@ def _json_number(value: float) -> Optional[object]:
     return None if math.isnan(value) else value
 
 
-def write_csv(result: EvalResult, path: str) -> None:
-    """Columns name, restored, gt, psnr, ssim (full precision); last row ``mean``."""
+def check_destination(path: str, flag: str, protected_dirs: Sequence[str] = ()) -> None:
+    """Fail fast, before any scoring, if ``path`` (a ``--csv``/``--json`` file) cannot be written.
+
+    Refused: an existing folder; an image inside one of ``protected_dirs`` (the folders being scored);
+    a parent that is a file; a folder we cannot create a file in (probed with a temporary file when the
+    folder exists; missing folders are created when writing). Raises :class:`EvalError` naming ``path``.
+    """
+    from mambacsr_arch.data.image_io import IMAGE_EXTENSIONS
+
+    if osp.isdir(path):
+        raise EvalError(f"{flag} '{path}' is a folder; give a file name, e.g. {osp.join(path, 'scores' + flag[1:])}.")
+    parent = osp.dirname(osp.abspath(path))
+    if osp.realpath(parent) in {osp.realpath(d) for d in protected_dirs} and \
+            path.lower().endswith(IMAGE_EXTENSIONS):
+        raise EvalError(f"{flag} '{path}' is an image in a folder being scored; write the scores elsewhere.")
+    existing = parent
+    while not osp.lexists(existing) and osp.dirname(existing) != existing:
+        existing = osp.dirname(existing)
+    if not osp.isdir(existing):
+        raise EvalError(f"cannot write {flag} '{path}': '{existing}' is not a folder; choose another path.")
+    if existing != parent:  # the missing folders are made when writing: the first existing one must take them
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise EvalError(f"cannot write {flag} '{path}': no permission to create folders in '{existing}'.")
+        return
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f'.{osp.basename(path)}.', suffix='.probe')
+    except OSError as err:
+        raise EvalError(f"cannot write {flag} '{path}': {err.strerror or err}; choose another path.") from err
+    os.close(fd)
+    os.remove(probe)
+
+
+def _write_text(path: str, text: str) -> None:
+    from mambacsr_arch.cli.infer import write_bytes_atomic
+
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    with open(path, 'w', newline='', encoding='utf-8') as f:
-        writer = csv.writer(f)
-        writer.writerow(['name', 'restored', 'gt', 'psnr', 'ssim'])
-        for r in result.records:
-            writer.writerow([r.name, r.restored, r.gt, repr(r.psnr), repr(r.ssim)])
-        writer.writerow(['mean', '', '', repr(result.mean_psnr), repr(result.mean_ssim)])
+    write_bytes_atomic(path, text.encode('utf-8'))
+
+
+def write_csv(result: EvalResult, path: str) -> None:
+    """Columns name, restored, gt, psnr, ssim (full precision); last row ``mean``. Written atomically."""
+    buffer = io.StringIO(newline='')
+    writer = csv.writer(buffer)
+    writer.writerow(['name', 'restored', 'gt', 'psnr', 'ssim'])
+    for r in result.records:
+        writer.writerow([r.name, r.restored, r.gt, repr(r.psnr), repr(r.ssim)])
+    writer.writerow(['mean', '', '', repr(result.mean_psnr), repr(result.mean_ssim)])
+    _write_text(path, buffer.getvalue())
 
 
 def write_json(result: EvalResult, path: str, **context: object) -> None:
-    """``{settings..., images: [...], mean: {psnr, ssim, count}, failures: [...]}``."""
+    """``{settings..., images: [...], mean: {psnr, ssim, count}, failures: [...]}``, written atomically."""
     images = []
     for r in result.records:
         item = asdict(r)
@@ -210,10 +256,7 @@ def write_json(result: EvalResult, path: str, **context: object) -> None:
     payload = dict(context, crop_border=result.crop_border, test_y_channel=result.test_y_channel, images=images,
                    mean={'psnr': _json_number(result.mean_psnr), 'ssim': _json_number(result.mean_ssim),
                          'count': result.count}, failures=result.failures)
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(payload, f, indent=2, allow_nan=False)
-        f.write('\n')
+    _write_text(path, json.dumps(payload, indent=2, allow_nan=False) + '\n')
 
 
 # ----------------------------------------------------------------------------- command
@@ -234,7 +277,12 @@ def run(args: argparse.Namespace) -> int:
     """Run ``basicsr eval``; returns the exit code (see module doc)."""
     import mambacsr_arch  # noqa: F401  (compat shims before basicsr's metrics import)
 
+    destinations = [(flag, path) for flag, path in (('--csv', args.csv), ('--json', args.json)) if path]
     try:
+        if len(destinations) == 2 and osp.realpath(args.csv) == osp.realpath(args.json):
+            raise EvalError(f"--csv and --json are the same file '{args.csv}'; give two names.")
+        for flag, path in destinations:
+            check_destination(path, flag, (args.restored, args.gt))
         result = evaluate_folders(args.restored, args.gt, suffix=args.suffix, crop_border=args.crop_border,
                                   test_y_channel=args.y, strict=False)
     except EvalError as err:
@@ -244,10 +292,15 @@ def run(args: argparse.Namespace) -> int:
         print(f'basicsr eval: error: {message}', file=sys.stderr)
     if result.records:
         print(format_table(result))
-    if args.csv:
-        write_csv(result, args.csv)
-    if args.json:
-        write_json(result, args.json, restored=args.restored, gt=args.gt, suffix=args.suffix)
+    writers = {'--csv': lambda path: write_csv(result, path),
+               '--json': lambda path: write_json(result, path, restored=args.restored, gt=args.gt, suffix=args.suffix)}
+    for flag, path in destinations:
+        try:
+            writers[flag](path)
+        except OSError as err:  # checked before scoring, so only a change since (disk full, folder removed...)
+            print(f"basicsr eval: error: cannot write {flag} '{path}': {err.strerror or err}; the scores above "
+                  'are not saved there.', file=sys.stderr)
+            return EXIT_CONFIG
     if result.failures:
         print(f'basicsr eval: {len(result.failures)} of {len(result.failures) + result.count} pairs failed; '
               f'the mean covers the {result.count} others.', file=sys.stderr)

@@ -28,7 +28,20 @@ grayscale replicated, alpha dropped, 16-bit scaled to 8-bit), restored by
 :func:`mambacsr_arch.models.inference.restore_image` (any size, optional overlapping tiles) and
 written as 8-bit images (values exactly as BasicSR's ``tensor2img``) of exactly ``scale`` x the
 input size, named ``<stem><suffix>.<ext>``, atomically (hidden temporary file, then rename).
-Existing outputs are skipped unless ``--overwrite``; an output never replaces its input.
+Existing outputs are skipped unless ``--overwrite``.
+
+Output plan (:func:`plan_outputs`, before the model is built or anything is written): every input
+is mapped to its output and the run is refused (exit 2, the message names both files and the fix:
+``--suffix``, ``--ext`` or another ``-o``) if any output is, or resolves through links to, ANY
+input file (``d/x.jpg`` -> ``d/x.png`` when ``d/x.png`` is an input too), if two inputs share one
+output (``x.png`` and ``x.jpg``), or if an output name is a folder. ``--overwrite`` never lifts
+this. Every image written is recorded (name, source, sha256) in ``.basicsr-infer.json`` in the
+output folder. When ``-i`` is that same folder, an image listed there whose bytes are unchanged is
+infer's own earlier output and is not read as an input (so ``-i d -o d --suffix _x4`` run twice
+does not make ``a_x4_x4.png``); the summary counts them. An image edited or replaced since, or
+written by infer before the manifest existed, is the user's again and the conflict rules apply.
+A single file named by ``-i`` is always processed. Folders are listed by the project's one
+loop-safe walker: a symbolic-link loop with an image name is a configuration error naming it.
 
 Exit codes: 0 every image written or skipped; 1 at least one image failed (each failure is
 reported, the others are still processed); 2 configuration error (nothing processed).
@@ -36,6 +49,7 @@ reported, the others are still processed); 2 configuration error (nothing proces
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import os.path as osp
@@ -71,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument('-o', '--output', required=True, help='output folder (created)')
     io.add_argument('--suffix', default='', help="appended to each output's stem, e.g. _x4 (default: none)")
     io.add_argument('--ext', default='png', choices=OUTPUT_EXTENSIONS, help='output format (default: png)')
-    io.add_argument('--overwrite', action='store_true', help='redo images whose output already exists')
+    io.add_argument('--overwrite', action='store_true', help='redo images whose output already exists (an input '
+                    'file is never replaced: such a plan is refused)')
     net = parser.add_argument_group('network')
     net.add_argument('--opt', help='BasicSR option file (network_g, path.pretrain_network_g, scale, tile)')
     net.add_argument('--arch', help='registered arch name, e.g. MambaCSR or HAT (overrides network_g.type)')
@@ -254,14 +269,26 @@ def build_model(setup: InferSetup, device) -> Any:
 # ----------------------------------------------------------------------------- per image
 
 
+MANIFEST_NAME = '.basicsr-infer.json'  # in the output folder; a dotfile, so never listed as an image
+
+
 def list_inputs(path: str) -> List[str]:
-    """The image files to process: ``path`` itself, or the images directly inside it (sorted)."""
-    from mambacsr_arch.data.image_io import list_image_files
+    """The image files to process: ``path`` itself, or the images directly inside it (sorted).
+
+    Folders are listed by the project's one walker (:func:`mambacsr_arch.data.image_io.list_image_files`);
+    a symbolic-link loop or broken link with an image name becomes :class:`InferConfigError` naming it.
+    """
+    from mambacsr_arch.data.image_io import ImageFolderError, list_image_files
 
     if osp.isfile(path):
         return [path]
     if osp.isdir(path):
-        return list_image_files(path)
+        try:
+            return list_image_files(path)
+        except ImageFolderError as err:
+            raise InferConfigError(f'cannot list the input folder (-i/--input): {err}') from err
+    if osp.islink(path):
+        raise InferConfigError(f"input '{path}' is a broken symbolic link or a symbolic-link loop (-i/--input).")
     raise InferConfigError(f"input '{path}' does not exist (-i/--input).")
 
 
@@ -271,23 +298,134 @@ def output_path(input_path: str, out_dir: str, suffix: str, ext: str) -> str:
     return osp.join(out_dir, f'{stem}{suffix}.{ext}')
 
 
-def write_image_atomic(img, path: str) -> None:
-    """Encode uint8 BGR ``img`` by ``path``'s extension into a hidden temp file, then rename over ``path``."""
+def _sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(out_dir: str) -> Dict[str, Dict[str, str]]:
+    """``{output name: {'input': name, 'sha256': hex}}`` from ``out_dir``'s :data:`MANIFEST_NAME` ({} if none)."""
+    path = osp.join(out_dir, MANIFEST_NAME)
+    if not osp.lexists(path):
+        return {}
+    fix = f"delete '{path}' (infer then treats every image in that folder as a user's input)"
+    try:
+        with open(path, encoding='utf-8') as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InferConfigError(f"cannot read the infer manifest '{path}' ({err}); {fix}.") from err
+    outputs = payload.get('outputs') if isinstance(payload, dict) else None
+    if not isinstance(outputs, dict) or not all(isinstance(v, dict) and isinstance(v.get('sha256'), str)
+                                                for v in outputs.values()):
+        raise InferConfigError(f"'{path}' is not a basicsr infer manifest (no 'outputs' of sha256 entries); {fix}.")
+    return {str(name): dict(entry) for name, entry in outputs.items()}
+
+
+def write_manifest(out_dir: str, outputs: Mapping[str, Mapping[str, str]]) -> None:
+    """Write ``outputs`` (see :func:`read_manifest`) to ``out_dir``'s :data:`MANIFEST_NAME`, atomically."""
+    payload = {'written_by': 'basicsr infer (mambacsr_arch)', 'format': 1,
+               'note': 'images basicsr infer wrote into this folder; it does not re-read them as inputs here',
+               'outputs': {name: dict(outputs[name]) for name in sorted(outputs)}}
+    write_bytes_atomic(osp.join(out_dir, MANIFEST_NAME), (json.dumps(payload, indent=1) + '\n').encode('utf-8'))
+
+
+@dataclass
+class OutputPlan:
+    """What ``basicsr infer`` will do, decided before the first image is read (see :func:`plan_outputs`)."""
+    out_dir: str
+    pairs: List[Tuple[str, str]]  # (input, output), in input order
+    previous_outputs: List[str]  # images in the input folder that infer wrote there earlier: not re-read
+    manifest: Dict[str, Dict[str, str]]  # output folder's manifest, updated as images are written
+
+
+def _file_id(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def plan_outputs(inputs: Sequence[str], out_dir: str, suffix: str, ext: str,
+                 input_folder: Optional[str] = None) -> OutputPlan:
+    """Map every input to its output and refuse any plan that could harm an input (module doc, "Output plan").
+
+    Args:
+        input_folder: the ``-i`` folder (None for a single file): where it is ``out_dir``, images that
+            ``out_dir``'s manifest lists with an unchanged sha256 are earlier outputs and are not inputs.
+    Raises:
+        InferConfigError: listing every conflict (an output that is, or resolves to, any input file; two
+            inputs with one output; an output name taken by a folder), each naming both files and the fix.
+    """
+    manifest = {name: entry for name, entry in read_manifest(out_dir).items()
+                if osp.isfile(osp.join(out_dir, name))}
+    previous: List[str] = []
+    if input_folder is not None and manifest and _file_id(input_folder) == _file_id(out_dir):
+        kept = []
+        for path in inputs:
+            entry = manifest.get(osp.basename(path))
+            if entry is not None and entry['sha256'] == _sha256_of_file(path):
+                previous.append(path)  # unchanged since infer wrote it: ours, not the user's
+            else:
+                kept.append(path)
+        inputs = kept
+    input_ids: Dict[Tuple[int, int], str] = {}
+    for path in inputs:
+        file_id = _file_id(path)
+        if file_id is not None:
+            input_ids.setdefault(file_id, path)
+    other_dir = 'another -o folder'
+    conflicts, claimed, pairs = [], {}, []
+    for path in inputs:
+        out = output_path(path, out_dir, suffix, ext)
+        out_id = _file_id(out)  # stat follows links: an output resolving to an input is caught too
+        same = input_ids.get(out_id) if out_id is not None else None
+        if same == path:
+            conflicts.append(f"'{path}': the output '{out}' is this input itself; fix: --suffix _x4, another --ext "
+                             f'or {other_dir}')
+        elif same is not None:
+            conflicts.append(f"'{path}': the output '{out}' is the input '{same}'; fix: --suffix _x4, another --ext "
+                             f"or {other_dir} (if '{same}' came from an earlier run, move it out of the folder)")
+        elif out in claimed:
+            conflicts.append(f"'{claimed[out]}' and '{path}' would both be written to '{out}' (one stem); fix: "
+                             f'rename one of them, or restore them into separate -o folders')
+        elif osp.isdir(out):
+            conflicts.append(f"'{path}': the output '{out}' is an existing folder; fix: --suffix, --ext or "
+                             f'{other_dir}')
+        claimed.setdefault(out, path)
+        pairs.append((path, out))
+    if conflicts:
+        shown = conflicts[:20] + ([f'... and {len(conflicts) - 20} more'] if len(conflicts) > 20 else [])
+        raise InferConfigError(f'{len(conflicts)} output conflict(s), nothing written:\n  ' + '\n  '.join(shown))
+    return OutputPlan(out_dir, pairs, previous, manifest)
+
+
+def write_bytes_atomic(path: str, data: Any) -> None:
+    """Write ``data`` (bytes-like) to a hidden temporary file beside ``path``, then rename it over ``path``."""
+    tmp = osp.join(osp.dirname(path), f'.{osp.basename(path)}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_image_atomic(img, path: str) -> str:
+    """Encode uint8 BGR ``img`` by ``path``'s extension, write it atomically; returns the file's sha256."""
     import cv2
 
     ext = osp.splitext(path)[1]
     ok, encoded = cv2.imencode(ext, img)
     if not ok:
         raise OSError(f"cannot encode the result as '{ext}' for {path}")
-    tmp = osp.join(osp.dirname(path), f'.{osp.basename(path)}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(encoded.data)  # no extra copy of a large image
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes_atomic(path, encoded.data)  # no extra copy of a large image
+    return hashlib.sha256(encoded.data).hexdigest()
 
 
 def tensor_to_bgr8(out: Any) -> Any:
@@ -348,51 +486,59 @@ def run(args: argparse.Namespace) -> int:
         setup = resolve_setup(args)
         device = resolve_device(args.device)
         inputs = list_inputs(args.input)
-        if not inputs:
-            raise InferConfigError(f"no images in '{args.input}' (extensions: png, jpg, bmp, tif, webp, ...).")
+        input_folder = args.input if osp.isdir(args.input) else None
+        plan = plan_outputs(inputs, args.output, args.suffix, args.ext, input_folder)
+        if not plan.pairs:
+            earlier = (f' ({len(plan.previous_outputs)} there were written by an earlier basicsr infer and are not '
+                       f're-read, see {MANIFEST_NAME}; to restore them again, write to another -o folder)'
+                       if plan.previous_outputs else '')
+            raise InferConfigError(f"no images in '{args.input}' (extensions: png, jpg, bmp, tif, webp, ...)"
+                                   f'{earlier}.')
         net = build_model(setup, device)
-        os.makedirs(args.output, exist_ok=True)
     except InferConfigError as err:
         return _error(str(err))
+    try:
+        os.makedirs(args.output, exist_ok=True)
     except OSError as err:
         return _error(f"cannot create the output folder '{args.output}' (-o): {err}")
 
     written, skipped, failed = 0, 0, []  # failed: one message per image, naming the file
-    claimed: Dict[str, str] = {}  # output path -> the input that writes it
     start = time.perf_counter()
-    bar = tqdm(inputs, unit='img', desc='infer', file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
-    for path in bar:
-        out_path = output_path(path, args.output, args.suffix, args.ext)
-        message = None
-        if out_path in claimed:
-            message = f'{path}: same output name as {claimed[out_path]} ({out_path}); rename one of them'
-        elif osp.realpath(out_path) == osp.realpath(path):
-            message = f'{path}: the output would replace this input; use --suffix, --ext or another -o folder'
-        elif osp.exists(out_path) and not args.overwrite:
-            claimed[out_path] = path
+    bar = tqdm(plan.pairs, unit='img', desc='infer', file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
+    for path, out_path in bar:
+        if osp.exists(out_path) and not args.overwrite:
             skipped += 1
             continue
+        message = None
+        try:
+            digest = write_image_atomic(restore_file(net, path, setup, device), out_path)
+        except ImageReadError as err:  # corrupt / unsupported file: this image only
+            message = str(err)
+        except ValueError as err:  # scale / network mismatch: the same for every image
+            bar.close()
+            return _error(str(err))
+        except (OSError, RuntimeError) as err:  # write error, out of memory: this image only
+            hint = ' (try a smaller --tile)' if 'out of memory' in str(err).lower() else ''
+            message = f'{path}: {type(err).__name__}: {err}{hint}'
         else:
-            claimed[out_path] = path
-            try:
-                write_image_atomic(restore_file(net, path, setup, device), out_path)
-                written += 1
-            except ImageReadError as err:  # corrupt / unsupported file: this image only
-                message = str(err)
-            except ValueError as err:  # scale / network mismatch: the same for every image
-                bar.close()
-                return _error(str(err))
-            except (OSError, RuntimeError) as err:  # write error, out of memory: this image only
-                hint = ' (try a smaller --tile)' if 'out of memory' in str(err).lower() else ''
-                message = f'{path}: {type(err).__name__}: {err}{hint}'
+            written += 1
+            plan.manifest[osp.basename(out_path)] = {'input': osp.basename(path), 'sha256': digest}
+            try:  # after every image, so an interrupted run still knows its outputs
+                write_manifest(plan.out_dir, plan.manifest)
+            except OSError as err:
+                message = (f'{out_path} was written but cannot be recorded in {MANIFEST_NAME} ({err}); a later run '
+                           'with -i this folder would treat it as an input')
         if message is not None:
             failed.append(message)
             bar.write(f'FAILED {message}', file=sys.stderr)
     bar.close()
     elapsed = time.perf_counter() - start
     rate = written / elapsed if elapsed > 0 else 0.0
+    earlier = len(plan.previous_outputs)
+    not_reread = (f', {earlier} earlier output(s) of infer in the input folder not re-read (listed in '
+                  f'{MANIFEST_NAME})' if earlier else '')
     print(f'basicsr infer: {written} written to {args.output}, {skipped} skipped (output exists; --overwrite to redo), '
-          f'{len(failed)} failed; {rate:.2f} images/s on {device}.')
+          f'{len(failed)} failed{not_reread}; {rate:.2f} images/s on {device}.')
     for message in failed:
         print(f'  failed: {message}', file=sys.stderr)
     return EXIT_FAILED_IMAGES if failed else EXIT_OK
