@@ -189,6 +189,12 @@ def test_infer_link_loop_file_is_one_clear_error_and_folder_loop_is_harmless(tmp
 
     assert _infer('-i', src / 'x.png', '-o', tmp_path / 'out2', *net_args) == 2  # the loop named directly
     assert 'symbolic-link loop' in _error_lines(capsys)
+    os.remove(src / 'x.png')
+    os.symlink('self', tmp_path / 'self')  # -o a link loop: the one case that may say "cannot create"
+    assert _infer('-i', src, '-o', tmp_path / 'self', *net_args) == 2
+    err = _error_lines(capsys)
+    assert f"cannot create the output folder '{tmp_path / 'self'}'" in err and 'symbolic-link loop' in err, err
+    assert _snapshot(src) == {name: value for name, value in before.items() if name != 'x.png'}
 
 
 def test_eval_link_loop_file_is_one_clear_error_and_folder_loop_is_harmless(tmp_path, capsys):

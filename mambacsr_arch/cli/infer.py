@@ -500,7 +500,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as err:
-        return _error(f"cannot create the output folder '{args.output}' (-o): {err}")
+        dangling = ' (it is a broken symbolic link or a symbolic-link loop)' if osp.islink(args.output) else ''
+        return _error(f"cannot create the output folder '{args.output}' (-o){dangling}: {err}")
 
     written, skipped, failed = 0, 0, []  # failed: one message per image, naming the file
     start = time.perf_counter()
