@@ -224,7 +224,9 @@ class JPEGDegradedPairedDataset(data.Dataset):
                     raise FileNotFoundError(f"meta_info_file {self.opt['meta_info_file']!r} does not exist")
                 return paired_paths_from_meta_info_file(folders, keys, self.opt['meta_info_file'], tmpl)
             return paired_paths_from_folder(folders, keys, tmpl)
-        except (PairingError, ImageFolderError, ValueError, FileNotFoundError) as err:
+        except (PairingError, ImageFolderError) as err:  # they name the files already; keep their type
+            raise type(err)(f'{self.where}: {err}') from err
+        except (ValueError, FileNotFoundError) as err:
             raise ValueError(f'{self.where}: cannot pair dataroot_lq {self.lq_folder!r} with dataroot_gt '
                              f'{self.gt_folder!r}: {err}') from err
 
