@@ -1,7 +1,11 @@
 """Token orders for dual-interleaved (DIS) and cross-scale scanning of 2-D feature maps.
 
 This module knows nothing about state-space models: it only turns a (B, C, H, W) feature map
-into a (B, C, L) token sequence and back, with pure reshapes/permutes (no index gathers).
+into a (B, C, L) token sequence and back, with strided copies (no index gathers). The token-level
+functions :func:`scan_tokens` / :func:`merge_tokens` and :func:`cross_scale_tokens` /
+:func:`cross_scale_merge_tokens` work on channels-last maps (B, H, W, *E) and token tensors
+(B, L, *E) and can write into a caller's buffer; the (B, C, ...) functions are built on them, and so
+are SS2D's fast paths, so a new scan order is added here and nowhere else.
 
 Direction names (as in the official MambaCSR option files and code):
 
@@ -11,27 +15,33 @@ Direction names (as in the official MambaCSR option files and code):
 * ``h`` / ``v`` (and ``_flip``): plain raster scans (one window covering the whole map), row-major
   or column-major; kept for parity with the official ``MultiScan`` (unused by MambaCSR).
 
-A map whose size is not a multiple of K is zero-padded at the bottom/right to the next multiple
-for the scan (so the sequence has ``ceil(H/K)*K * ceil(W/K)*K`` tokens); merging drops the padding.
-:func:`window_merge` is the exact inverse of :func:`window_scan` for every H, W >= 1.
+Windows are **clipped at the border**: a map whose size is not a multiple of K has narrower windows in
+its last window column and shorter ones in its last window row, and the sequence holds exactly the
+H * W tokens of the map (no padding is scanned; a map smaller than one window is one window). For
+sizes that are multiples of K this is the official order token for token. (Before 0.2 the map was
+zero-padded to a multiple of K and the zeros were scanned: the same result for multiples of K, other
+results and up to K*K/(H*W) times the work for the rest.) :func:`window_merge` is the exact inverse
+of :func:`window_scan` for every H, W >= 1.
 
 Cross-scale (position-aligned) scanning interleaves a high-resolution map ``x`` (window K) with its
 half-resolution counterpart ``x_down`` (window K/2): every low-resolution token is followed by the
 2 x 2 high-resolution tokens it covers, i.e. groups of 5 tokens ``[low, high x 4]``. ``_flip``
 reverses the low and high sequences separately (the official behaviour), so each group keeps its
-low token first. Only the high-resolution part is recovered by :func:`cross_scale_merge`.
+low token first. Only the high-resolution part is recovered by :func:`cross_scale_merge`. The
+windows are clipped on the low-resolution grid (ceil(H/2) x ceil(W/2)); an odd high-resolution size
+is zero-padded by one row/column to complete its 2 x 2 blocks (MambaCSR only feeds even sizes).
 """
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     'Direction', 'parse_direction', 'window_scan', 'window_merge', 'cross_scale_scan', 'cross_scale_merge',
-    'scan_length', 'cross_scale_length'
+    'scan_length', 'cross_scale_length', 'scan_tokens', 'merge_tokens', 'cross_scale_tokens',
+    'cross_scale_merge_tokens', 'check_cross_inputs'
 ]
 
 _WINDOW_RE = re.compile(r'^(c_)?w(\d+)(_flip)?$')
@@ -77,156 +87,194 @@ def _window_hw(window: Optional[int], size: Tuple[int, int]) -> Tuple[int, int]:
     return window, window
 
 
-def _padded(size: int, window: int) -> int:
-    return -(-size // window) * window
+def _window_pieces(grid: torch.Tensor, tokens: torch.Tensor, window: Optional[int], column_first: bool
+                   ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of same-shaped views (map part, token part) covering a (B, H, W, *E) ``grid`` and its
+    (B, H*W, *E) ``tokens`` in window-scan order with clipped border windows.
+
+    Row-first order: window rows top to bottom; in each, the full K x K windows left to right, then the
+    narrower border window; the last (shorter) window row likewise. Column-first is row-first on the
+    transposed map. Copying one side of each pair into the other scans (map -> tokens) or merges.
+    """
+    if column_first:
+        grid = grid.transpose(1, 2)
+    h, w = grid.shape[1], grid.shape[2]
+    wh, ww = _window_hw(window, (h, w))
+    qh, rh = divmod(h, wh)
+    qw, rw = divmod(w, ww)
+    rest = tuple(range(3, grid.dim()))  # trailing element dims, e.g. channels
+    if qh:
+        band = tokens[:, :qh * wh * w].unflatten(1, (qh, wh * w))  # one entry per full window row
+        if qw:
+            part = grid[:, :qh * wh, :qw * ww].unflatten(2, (qw, ww)).unflatten(1, (qh, wh))
+            yield part.permute((0, 1, 3, 2, 4) + tuple(d + 2 for d in rest)), \
+                band[:, :, :qw * wh * ww].unflatten(2, (qw, wh, ww))
+        if rw:
+            yield grid[:, :qh * wh, qw * ww:].unflatten(1, (qh, wh)), band[:, :, qw * wh * ww:].unflatten(2, (wh, rw))
+    if rh:
+        band = tokens[:, qh * wh * w:]
+        if qw:
+            part = grid[:, qh * wh:, :qw * ww].unflatten(2, (qw, ww))  # (B, rh, qw, ww, *E)
+            yield part.permute((0, 2, 1, 3) + tuple(d + 1 for d in rest)), \
+                band[:, :qw * rh * ww].unflatten(1, (qw, rh, ww))
+        if rw:
+            yield grid[:, qh * wh:, qw * ww:], band[:, qw * rh * ww:].unflatten(1, (rh, rw))
+
+
+def scan_tokens(grid: torch.Tensor, window: Optional[int], column_first: bool = False,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Channels-last window scan, unflipped: (B, H, W, *E) -> (B, H*W, *E) (into ``out`` if given)."""
+    b, h, w = grid.shape[:3]
+    if out is None:
+        out = grid.new_empty((b, h * w) + tuple(grid.shape[3:]))
+    for part, tok in _window_pieces(grid, out, window, column_first):
+        tok.copy_(part)
+    return out
+
+
+def merge_tokens(tokens: torch.Tensor, window: Optional[int], size: Sequence[int], column_first: bool = False,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverse of :func:`scan_tokens`: (B, H*W, *E) -> (B, H, W, *E) (into ``out`` if given)."""
+    h, w = int(size[0]), int(size[1])
+    if tokens.shape[1] != h * w:
+        raise ValueError(f'merge: sequence length {tokens.shape[1]} does not match size {(h, w)} '
+                         f'(expected {h * w} tokens)')
+    if out is None:
+        out = tokens.new_empty((tokens.shape[0], h, w) + tuple(tokens.shape[2:]))
+    for part, tok in _window_pieces(out, tokens, window, column_first):
+        part.copy_(tok)
+    return out
 
 
 def scan_length(size: Sequence[int], window: Optional[int]) -> int:
-    """Number of tokens :func:`window_scan` produces for a (H, W) map: padded H * padded W."""
-    wh, ww = _window_hw(window, (size[0], size[1]))
-    return _padded(size[0], wh) * _padded(size[1], ww)
-
-
-def _pad_bottom_right(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    pad_h, pad_w = height - x.shape[-2], width - x.shape[-1]
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-    return x
-
-
-def _window_view(x: torch.Tensor, window: Optional[int], column_first: bool = False) -> torch.Tensor:
-    """(B, C, H, W) -> zero-padded, permuted 6-D view whose row-major flattening of dims 2.. is the
-    (unflipped) :func:`window_scan` order. No copy unless padding is needed."""
-    b, c, h, w = x.shape
-    wh, ww = _window_hw(window, (h, w))
-    hp, wp = _padded(h, wh), _padded(w, ww)
-    x = _pad_bottom_right(x, hp, wp)
-    x = x.reshape(b, c, hp // wh, wh, wp // ww, ww)  # (B, C, Hg, wh, Wg, ww)
-    if column_first:
-        return x.permute(0, 1, 4, 2, 5, 3)  # (B, C, Wg, Hg, ww, wh)
-    return x.permute(0, 1, 2, 4, 3, 5)  # (B, C, Hg, Wg, wh, ww)
+    """Number of tokens :func:`window_scan` produces for a (H, W) map: H * W (windows are clipped)."""
+    _window_hw(window, (size[0], size[1]))
+    return int(size[0]) * int(size[1])
 
 
 def window_scan(x: torch.Tensor, window: Optional[int], column_first: bool = False, flip: bool = False) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, L) tokens of windows (see the module docstring for the order).
+    """(B, C, H, W) -> (B, C, H*W) tokens of windows (see the module docstring for the order).
 
-    ``window=None`` scans the whole map as one window (plain raster). L = padded H * padded W.
+    ``window=None`` scans the whole map as one window (plain raster).
     """
     if x.dim() != 4:
         raise ValueError(f'window_scan expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}')
-    b, c = x.shape[:2]
-    x = _window_view(x, window, column_first)
-    x = x.reshape(b, c, x.shape[2:].numel())
-    return x.flip(-1) if flip else x
-
-
-def _channels_last(perm: Tuple[int, ...]) -> Tuple[int, ...]:
-    """A (B, C, ...) -> (B, C, spatial...) permutation turned into (B, spatial..., C)."""
-    return (0, ) + perm[2:] + (1, )
+    b, c, h, w = x.shape
+    seq = x.new_empty((b, c, h * w))
+    scan_tokens(x.permute(0, 2, 3, 1), window, column_first, out=seq.transpose(1, 2))
+    return seq.flip(-1) if flip else seq
 
 
 def window_merge(seq: torch.Tensor, window: Optional[int], size: Sequence[int], column_first: bool = False,
                  flip: bool = False, *, channels_last: bool = False) -> torch.Tensor:
-    """Inverse of :func:`window_scan`: (B, C, L) -> (B, C, H, W) with ``size = (H, W)``, padding dropped.
+    """Inverse of :func:`window_scan`: (B, C, H*W) -> (B, C, H, W) with ``size = (H, W)``.
 
     ``channels_last=True`` returns (B, H, W, C) instead, in one copy (what token-wise layers want).
     """
     if seq.dim() != 3:
         raise ValueError(f'window_merge expects a (B, C, L) tensor, got shape {tuple(seq.shape)}')
     h, w = int(size[0]), int(size[1])
-    b, c, length = seq.shape
-    wh, ww = _window_hw(window, (h, w))
-    hp, wp = _padded(h, wh), _padded(w, ww)
-    if length != hp * wp:
-        raise ValueError(f'window_merge: sequence length {length} does not match size {(h, w)} with window '
-                         f'{window} (expected {hp * wp} tokens)')
+    b, c, _ = seq.shape
+    _window_hw(window, (h, w))
     if flip:
         seq = seq.flip(-1)
-    if column_first:
-        x, perm = seq.reshape(b, c, wp // ww, hp // wh, ww, wh), (0, 1, 3, 5, 2, 4)
-    else:
-        x, perm = seq.reshape(b, c, hp // wh, wp // ww, wh, ww), (0, 1, 2, 4, 3, 5)
     if channels_last:
-        x = x.permute(_channels_last(perm)).reshape(b, hp, wp, c)
-        return x[:, :h, :w] if hp != h or wp != w else x
-    x = x.permute(perm).reshape(b, c, hp, wp)
-    return x[:, :, :h, :w] if hp != h or wp != w else x
+        return merge_tokens(seq.transpose(1, 2), window, (h, w), column_first)
+    out = seq.new_empty((b, c, h, w))
+    merge_tokens(seq.transpose(1, 2), window, (h, w), column_first, out=out.permute(0, 2, 3, 1))
+    return out
 
 
 def _cross_grid(size: Sequence[int], window: int) -> Tuple[int, int, int]:
-    """(padded H, padded W, low-res window) for a cross-scale scan of a (H, W) map."""
+    """(low-res H, low-res W, low-res window) for a cross-scale scan of a (H, W) high-resolution map."""
     if window < 2 or window % 2:
         raise ValueError(f'cross-scale window must be an even integer >= 2, got {window}')
-    return _padded(int(size[0]), window), _padded(int(size[1]), window), window // 2
+    return -(-int(size[0]) // 2), -(-int(size[1]) // 2), window // 2
 
 
 def cross_scale_length(size: Sequence[int], window: int) -> int:
-    """Number of tokens :func:`cross_scale_scan` produces for a (H, W) high-resolution map."""
-    hp, wp, _ = _cross_grid(size, window)
-    return hp * wp // 4 * 5
+    """Number of tokens :func:`cross_scale_scan` produces for a (H, W) high-resolution map: 5 per 2 x 2 block."""
+    h2, w2, _ = _cross_grid(size, window)
+    return h2 * w2 * 5
 
 
-def _cross_high_view(x: torch.Tensor, window: int, column_first: bool = False) -> torch.Tensor:
-    """(B, C, H, W) -> zero-padded, permuted 8-D view (B, C, G1, G2, k1, k2, 2, 2) whose flattening of
-    dims 2..5 gives the low-resolution token index and of dims 6..7 the 2 x 2 high-resolution slot
-    (unflipped :func:`cross_scale_scan` order)."""
-    b, c, h, w = x.shape
-    hp, wp, k = _cross_grid((h, w), window)
-    hg, wg = hp // window, wp // window
-    high = _pad_bottom_right(x, hp, wp).reshape(b, c, hg, k, 2, wg, k, 2)  # (hg, a, dy, wg, c, dx)
-    if column_first:
-        return high.permute(0, 1, 5, 2, 6, 3, 7, 4)  # windows (wg, hg), blocks (c, a), inside (dx, dy)
-    return high.permute(0, 1, 2, 5, 3, 6, 4, 7)  # windows (hg, wg), blocks (a, c), inside (dy, dx)
-
-
-def _check_cross_inputs(x: torch.Tensor, x_down: torch.Tensor, window: int) -> None:
+def check_cross_inputs(x: torch.Tensor, x_down: torch.Tensor, window: int) -> None:
+    """Raise ValueError unless (B, C, H, W) ``x`` and ``x_down`` are a cross-scale pair for ``window``."""
     if x.dim() != 4 or x_down.dim() != 4:
         raise ValueError(f'cross_scale_scan expects (B, C, H, W) tensors, got {tuple(x.shape)} and '
                          f'{tuple(x_down.shape)}')
-    hp, wp, k = _cross_grid(x.shape[2:], window)
-    if x_down.shape[:2] != x.shape[:2] or _padded(x_down.shape[2], k) * 2 != hp or \
-            _padded(x_down.shape[3], k) * 2 != wp:
+    h2, w2, _ = _cross_grid(x.shape[2:], window)
+    if x_down.shape[:2] != x.shape[:2] or tuple(x_down.shape[2:]) != (h2, w2):
         raise ValueError(f'cross_scale_scan: low-resolution map {tuple(x_down.shape)} is not aligned with the '
-                         f'high-resolution map {tuple(x.shape)} for window {window}; use x_down of size '
-                         f'(ceil(H/2), ceil(W/2))')
+                         f'high-resolution map {tuple(x.shape)}; use x_down of size (ceil(H/2), ceil(W/2)) = '
+                         f'{(h2, w2)}')
+
+
+def _blocks(grid: torch.Tensor, column_first: bool) -> torch.Tensor:
+    """(B, H, W, *E) with H, W even -> view (B, H/2, W/2, 2, 2, *E), the 2 x 2 blocks (dy, dx) (column-first:
+    (dx, dy), matching the transposed map the column-first window order walks)."""
+    b, h, w = grid.shape[:3]
+    rest = tuple(range(3, grid.dim()))
+    blocks = grid.unflatten(2, (w // 2, 2)).unflatten(1, (h // 2, 2))  # (B, h2, dy, w2, dx, *E)
+    order = (0, 1, 3, 4, 2) if column_first else (0, 1, 3, 2, 4)
+    return blocks.permute(order + tuple(d + 2 for d in rest))
+
+
+def _even(grid: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, *E) zero-padded at the bottom/right to even H, W (a view when already even)."""
+    h, w = grid.shape[1], grid.shape[2]
+    if h % 2 == 0 and w % 2 == 0:
+        return grid
+    out = grid.new_zeros((grid.shape[0], h + h % 2, w + w % 2) + tuple(grid.shape[3:]))
+    out[:, :h, :w] = grid
+    return out
+
+
+def cross_scale_tokens(grid: torch.Tensor, grid_down: torch.Tensor, window: int, column_first: bool = False,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Channels-last cross-scale scan, unflipped: (B, H, W, *E), (B, h, w, *E) -> groups (B, h*w, 5, *E).
+
+    Group g holds the g-th low-resolution token (window K/2 order on the low map) then its 2 x 2
+    high-resolution tokens; ``h, w = ceil(H/2), ceil(W/2)``.
+    """
+    b = grid.shape[0]
+    h2, w2, k = _cross_grid(grid.shape[1:3], window)
+    if tuple(grid_down.shape[1:3]) != (h2, w2):
+        raise ValueError(f'cross_scale_tokens: low-resolution map {tuple(grid_down.shape)} is not (B, {h2}, {w2}, '
+                         f'...) for the high-resolution map {tuple(grid.shape)}')
+    if out is None:
+        out = grid.new_empty((b, h2 * w2, 5) + tuple(grid.shape[3:]))
+    scan_tokens(grid_down, k, column_first, out=out[:, :, 0])
+    scan_tokens(_blocks(_even(grid), column_first), k, column_first, out=out[:, :, 1:].unflatten(2, (2, 2)))
+    return out
+
+
+def cross_scale_merge_tokens(high: torch.Tensor, window: int, size: Sequence[int], column_first: bool = False
+                             ) -> torch.Tensor:
+    """Inverse of :func:`cross_scale_tokens` for the high-resolution part: (B, h*w, 4, *E) -> (B, H, W, *E)."""
+    h, w = int(size[0]), int(size[1])
+    h2, w2, k = _cross_grid((h, w), window)
+    out = high.new_empty((high.shape[0], 2 * h2, 2 * w2) + tuple(high.shape[3:]))
+    blocks = _blocks(out, column_first)
+    merge_tokens(high.unflatten(2, (2, 2)), k, (h2, w2), column_first, out=blocks)
+    return out[:, :h, :w] if (h, w) != (2 * h2, 2 * w2) else out
 
 
 def cross_scale_scan(x: torch.Tensor, x_down: torch.Tensor, window: int, column_first: bool = False,
                      flip: bool = False) -> torch.Tensor:
-    """Interleave (B, C, H, W) ``x`` (window K) and (B, C, h, w) ``x_down`` (window K/2) -> (B, C, 5 L/4).
+    """Interleave (B, C, H, W) ``x`` (window K) and (B, C, h, w) ``x_down`` (window K/2) -> (B, C, 5 h w).
 
     Groups of 5 tokens: one low-resolution token then its 2 x 2 position-aligned high-resolution
-    tokens (row-major inside the 2 x 2 block, column-major when ``column_first``). Both maps are
-    zero-padded to the same window grid: ``ceil(h / (K/2))`` must equal ``ceil(H / K)`` (true for
-    h = ceil(H/2) and for h = H/2 with H even), same for widths.
+    tokens (row-major inside the 2 x 2 block, column-major when ``column_first``); ``x_down`` must be
+    (ceil(H/2), ceil(W/2)).
     """
-    _check_cross_inputs(x, x_down, window)
+    check_cross_inputs(x, x_down, window)
     b, c = x.shape[:2]
-    high = _cross_high_view(x, window, column_first)
-    high = high.reshape(b, c, high.shape[2:6].numel(), 4)
-    low = window_scan(x_down, window // 2, column_first=column_first)
+    groups = cross_scale_tokens(x.permute(0, 2, 3, 1), x_down.permute(0, 2, 3, 1), window, column_first)
+    seq = groups.permute(0, 3, 1, 2)  # (B, C, G, 5) view
     if flip:
-        high = high.flip((-2, -1))
-        low = low.flip(-1)
-    return torch.cat((low.unsqueeze(-1), high), dim=-1).reshape(b, c, -1)
-
-
-def _cross_high_merge(high: torch.Tensor, window: int, size: Sequence[int], column_first: bool = False,
-                      channels_last: bool = False) -> torch.Tensor:
-    """(B, C, G, 4) high-resolution tokens in unflipped cross-scale order -> (B, C, H, W) (or (B, H, W, C))."""
-    h, w = int(size[0]), int(size[1])
-    b, c = high.shape[:2]
-    hp, wp, k = _cross_grid((h, w), window)
-    hg, wg = hp // window, wp // window
-    if column_first:
-        x, perm = high.reshape(b, c, wg, hg, k, k, 2, 2), (0, 1, 3, 5, 7, 2, 4, 6)
-    else:
-        x, perm = high.reshape(b, c, hg, wg, k, k, 2, 2), (0, 1, 2, 4, 6, 3, 5, 7)
-    if channels_last:
-        x = x.permute(_channels_last(perm)).reshape(b, hp, wp, c)
-        return x[:, :h, :w] if hp != h or wp != w else x
-    x = x.permute(perm).reshape(b, c, hp, wp)
-    return x[:, :, :h, :w] if hp != h or wp != w else x
+        seq = torch.cat((seq[..., :1].flip(-2), seq[..., 1:].flip((-2, -1))), dim=-1)
+    return seq.reshape(b, c, -1)
 
 
 def cross_scale_merge(seq: torch.Tensor, window: int, size: Sequence[int], column_first: bool = False,
@@ -239,72 +287,12 @@ def cross_scale_merge(seq: torch.Tensor, window: int, size: Sequence[int], colum
         raise ValueError(f'cross_scale_merge expects a (B, C, L) tensor, got shape {tuple(seq.shape)}')
     h, w = int(size[0]), int(size[1])
     b, c, length = seq.shape
-    hp, wp, _ = _cross_grid((h, w), window)
-    if length != hp * wp // 4 * 5:
+    expected = cross_scale_length((h, w), window)
+    if length != expected:
         raise ValueError(f'cross_scale_merge: sequence length {length} does not match size {(h, w)} with window '
-                         f'{window} (expected {hp * wp // 4 * 5} tokens)')
+                         f'{window} (expected {expected} tokens)')
     high = seq.reshape(b, c, length // 5, 5)[..., 1:]
     if flip:
         high = high.flip((-2, -1))
-    return _cross_high_merge(high, window, (h, w), column_first, channels_last)
-
-
-# ----------------------------------------------------------------------------- channels-last token helpers
-# Reordering whole channel vectors (B, ..., C) is a row copy; the (B, C, L) <-> (B, L, C) transpose is
-# done separately, once. These private helpers serve SS2D's fast paths; the public functions above
-# define the orders.
-
-
-def _cross_high_view_nhwc(x: torch.Tensor, window: int, column_first: bool = False) -> torch.Tensor:
-    """(B, H, W, C) -> zero-padded, permuted view (B, G1, G2, k1, k2, 2, 2, C) in unflipped cross-scale order."""
-    b, h, w, c = x.shape
-    hp, wp, k = _cross_grid((h, w), window)
-    if hp != h or wp != w:
-        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
-    high = x.reshape(b, hp // window, k, 2, wp // window, k, 2, c)  # (hg, a, dy, wg, cc, dx)
-    if column_first:
-        return high.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (wg, hg, cc, a, dx, dy)
-    return high.permute(0, 1, 4, 2, 5, 3, 6, 7)  # (hg, wg, a, cc, dy, dx)
-
-
-def _window_view_nhwc(x: torch.Tensor, window: Optional[int], column_first: bool = False) -> torch.Tensor:
-    """(B, H, W, C) -> zero-padded, permuted view (B, G1, G2, w1, w2, C) in unflipped window-scan order."""
-    b, h, w, c = x.shape
-    wh, ww = _window_hw(window, (h, w))
-    hp, wp = _padded(h, wh), _padded(w, ww)
-    if hp != h or wp != w:
-        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
-    x = x.reshape(b, hp // wh, wh, wp // ww, ww, c)
-    if column_first:
-        return x.permute(0, 3, 1, 4, 2, 5)
-    return x.permute(0, 1, 3, 2, 4, 5)
-
-
-def _window_merge_tokens(tokens: torch.Tensor, window: Optional[int], size: Sequence[int],
-                         column_first: bool = False) -> torch.Tensor:
-    """(B, L, C) tokens in unflipped window-scan order -> (B, H, W, C), padding dropped."""
-    h, w = int(size[0]), int(size[1])
-    b, _, c = tokens.shape
-    wh, ww = _window_hw(window, (h, w))
-    hp, wp = _padded(h, wh), _padded(w, ww)
-    if column_first:
-        x = tokens.reshape(b, wp // ww, hp // wh, ww, wh, c).permute(0, 2, 4, 1, 3, 5)
-    else:
-        x = tokens.reshape(b, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, hp, wp, c)
-    return x[:, :h, :w] if hp != h or wp != w else x
-
-
-def _cross_high_merge_tokens(tokens: torch.Tensor, window: int, size: Sequence[int],
-                             column_first: bool = False) -> torch.Tensor:
-    """(B, G, 4, C) high-resolution tokens in unflipped cross-scale order -> (B, H, W, C)."""
-    h, w = int(size[0]), int(size[1])
-    b, c = tokens.shape[0], tokens.shape[-1]
-    hp, wp, k = _cross_grid((h, w), window)
-    hg, wg = hp // window, wp // window
-    if column_first:
-        x = tokens.reshape(b, wg, hg, k, k, 2, 2, c).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    else:
-        x = tokens.reshape(b, hg, wg, k, k, 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    x = x.reshape(b, hp, wp, c)
-    return x[:, :h, :w] if hp != h or wp != w else x
+    merged = cross_scale_merge_tokens(high.permute(0, 2, 3, 1), window, (h, w), column_first)
+    return merged if channels_last else merged.permute(0, 3, 1, 2).contiguous()

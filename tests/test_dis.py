@@ -55,14 +55,42 @@ def test_window_scan_literal_order(window, column_first, flip, expected):
     assert seq.flatten().tolist() == expected
 
 
-def test_window_scan_pads_with_zeros():
-    # 3 x 3 grid (values 1..9), window 2 -> padded to 4 x 4 with zeros at the bottom/right
+def test_window_scan_clips_border_windows():
+    # 3 x 3 grid (values 1..9), window 2: windows 2x2, 2x1 | 1x2, 1x1; no padding is scanned
     x = grid(3, 3) + 1
     seq = dis.window_scan(x, 2).flatten().tolist()
-    assert seq == [1, 2, 4, 5, 3, 0, 6, 0, 7, 8, 0, 0, 9, 0, 0, 0]
-    assert dis.scan_length((3, 3), 2) == 16
+    assert seq == [1, 2, 4, 5, 3, 6, 7, 8, 9]
+    assert dis.scan_length((3, 3), 2) == 9
     col = dis.window_scan(x, 2, column_first=True).flatten().tolist()
-    assert col == [1, 4, 2, 5, 7, 0, 8, 0, 3, 6, 0, 0, 9, 0, 0, 0]
+    assert col == [1, 4, 2, 5, 7, 8, 3, 6, 9]
+    # a map smaller than one window is a single window: a plain raster scan
+    small = grid(3, 5)
+    assert dis.window_scan(small, 64).flatten().tolist() == list(range(15))
+    assert dis.window_scan(small, 64, column_first=True).flatten().tolist() == \
+        small[0, 0].t().flatten().long().tolist()
+
+
+def _padded_reference_scan(x, window, column_first):
+    """The pre-0.2 order (zero-padded to whole windows) with the padding tokens removed: the clipped
+    order must equal it, since clipping keeps the relative order of the real tokens."""
+    b, c, h, w = x.shape
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    ids = torch.zeros(1, 1, hp, wp)
+    ids[..., :h, :w] = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(h, w)
+    ids = ids.reshape(1, 1, hp // window, window, wp // window, window)
+    perm = (0, 1, 4, 2, 5, 3) if column_first else (0, 1, 2, 4, 3, 5)
+    order = ids.permute(perm).flatten()
+    order = order[order > 0].long() - 1
+    return x.flatten(2)[..., order]
+
+
+@pytest.mark.parametrize('column_first', [False, True])
+def test_clipped_order_is_the_padded_order_without_padding(column_first):
+    for h, w in _sizes(6, seed=3):
+        for window in (2, 3, 8):
+            x = torch.randn(1, 2, h, w)
+            expected = _padded_reference_scan(x, window, column_first)
+            assert torch.equal(dis.window_scan(x, window, column_first), expected), (h, w, window)
 
 
 def test_window_scan_non_square_literal():
@@ -117,9 +145,9 @@ def test_window_round_trip(name):
         assert torch.equal(back, x), (name, h, w)
         back_nhwc = dis.window_merge(seq, d.window, (h, w), d.column_first, d.flip, channels_last=True)
         assert torch.equal(back_nhwc, x.permute(0, 2, 3, 1)), (name, h, w)
-        # every real token appears exactly once in the sequence (the rest is zero padding)
+        # every token appears exactly once in the sequence (no padding is scanned)
         ids = dis.window_scan(grid(h, w) + 1, d.window, d.column_first, d.flip).flatten()
-        assert sorted(ids[ids > 0].tolist()) == list(range(1, h * w + 1))
+        assert sorted(ids.tolist()) == list(range(1, h * w + 1))
 
 
 @pytest.mark.parametrize('window', [2, 4, 8, 16])
@@ -127,10 +155,7 @@ def test_window_round_trip(name):
 @pytest.mark.parametrize('flip', [False, True])
 def test_cross_scale_round_trip(window, column_first, flip):
     for h, w in _sizes(4, seed=window):
-        for down in {((h + 1) // 2, (w + 1) // 2), (h // 2, w // 2)}:
-            if min(down) < 1 or -(-down[0] // (window // 2)) != -(-h // window) or \
-                    -(-down[1] // (window // 2)) != -(-w // window):
-                continue
+        for down in [((h + 1) // 2, (w + 1) // 2)]:
             x, x_down = torch.randn(2, 3, h, w), torch.randn(2, 3, *down)
             seq = dis.cross_scale_scan(x, x_down, window, column_first, flip)
             assert seq.shape[-1] == dis.cross_scale_length((h, w), window)

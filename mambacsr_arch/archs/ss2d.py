@@ -161,7 +161,7 @@ class SS2D(nn.Module):
         b, d = x.shape[:2]
         size = x.shape[2:]
         if self.cross_scale:
-            dis._check_cross_inputs(x, x_down, self.parsed[0].window)
+            dis.check_cross_inputs(x, x_down, self.parsed[0].window)
             lengths = [dis.cross_scale_length(size, p.window) for p in self.parsed]
         else:
             lengths = [dis.scan_length(size, p.window) for p in self.parsed]
@@ -180,11 +180,8 @@ class SS2D(nn.Module):
                     grouped[..., 1:].copy_(src[..., 1:].flip((-2, -1)))
                     continue
                 # reorder whole channel vectors in (B, H, W, D), then transpose once into the buffer
-                high = dis._cross_high_view_nhwc(x.permute(0, 2, 3, 1), p.window, p.column_first)
-                low = dis._window_view_nhwc(x_down.permute(0, 2, 3, 1), p.window // 2, p.column_first)
-                tokens = x.new_empty((b, n // 5, 5, d))
-                tokens[:, :, 1:].unflatten(1, high.shape[1:5]).unflatten(-2, (2, 2)).copy_(high)
-                tokens[:, :, 0].unflatten(1, low.shape[1:5]).copy_(low)
+                tokens = dis.cross_scale_tokens(x.permute(0, 2, 3, 1), x_down.permute(0, 2, 3, 1), p.window,
+                                                p.column_first)
                 out.copy_(tokens.reshape(b, n, d).transpose(1, 2))
                 if p.flip:
                     grouped[..., :1].copy_(grouped[..., :1].flip(-2))
@@ -193,8 +190,7 @@ class SS2D(nn.Module):
                 if j is not None:
                     out.copy_(xs[:, j, :, :n].flip(-1))
                     continue
-                view = dis._window_view(x, p.window, p.column_first)
-                out.unflatten(-1, view.shape[2:]).copy_(view)
+                dis.scan_tokens(x.permute(0, 2, 3, 1), p.window, p.column_first, out=out.transpose(-1, -2))
                 if p.flip:
                     out.copy_(out.flip(-1))
         return xs, lengths
@@ -266,8 +262,7 @@ class SS2D(nn.Module):
                     other = ys[:, partner, :, :n].unflatten(-1, (n // 5, 5))[..., 1:]
                     other = other if p.flip else other.flip((-2, -1))
                     comb = comb.addcmul_(other, gates[:, partner, :, None, None])
-                merged = dis._cross_high_merge_tokens(comb.permute(0, 2, 3, 1).contiguous(), p.window, size,
-                                                      p.column_first)
+                merged = dis.cross_scale_merge_tokens(comb.permute(0, 2, 3, 1), p.window, size, p.column_first)
             else:
                 if p.flip:
                     base = base.flip(-1)
@@ -279,8 +274,7 @@ class SS2D(nn.Module):
                 if channels_first:
                     merged = dis.window_merge(comb, p.window, size, p.column_first)
                 else:
-                    merged = dis._window_merge_tokens(comb.transpose(1, 2).contiguous(), p.window, size,
-                                                      p.column_first)
+                    merged = dis.merge_tokens(comb.transpose(1, 2), p.window, size, p.column_first)
             done.update((i, partner))
             out = merged if out is None else out + merged
         return out
