@@ -4,19 +4,30 @@
 (``.<name>.<pid>.tmp``: never ``*.state``/``*.pth``, so neither BasicSR's ``--auto_resume`` scan
 nor ours ever picks it), flushes and fsyncs it, then ``os.replace``-s it over the target and
 fsyncs the directory. A process killed at any point leaves either the old file or the complete
-new one, never a truncated target. A failed write is retried, then raised (BasicSR 1.4.2 logs
-and carries on without the checkpoint; we do not hide that).
+new one, never a truncated target. A failed write is retried (``SAVE_RETRIES`` attempts, 1 s
+apart), then raised as one OSError naming the file (BasicSR 1.4.2 logs and carries on without
+the checkpoint; we do not hide that). torch reports a failed write, e.g. a full disk, as a
+RuntimeError ("unexpected pos ...", "PytorchStreamWriter failed ..."); that is treated as the
+OSError it is. The temporary file is removed after every failed attempt. A process killed
+mid-save leaves its temporary file behind; :func:`remove_stale_temp_files` removes those
+(``basicsr train`` does it at start-up).
+
+:func:`saved_iterations` and :func:`network_files` describe the experiment layout BasicSR writes
+(``models/net_<label>_<iter>.pth``, ``training_states/<iter>.state``).
 
 :func:`capture_rng_state` / :func:`restore_rng_state` hold python ``random`` and numpy's global
 RNG as plain ints/tensors, so training states stay loadable with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import os.path as osp
 import random
+import re
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -60,20 +71,113 @@ def _write_once(obj: Any, path: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+# torch.save turns an OSError raised by the file's write() into one of these RuntimeErrors
+_TORCH_WRITE_FAILURES = ('unexpected pos', 'PytorchStreamWriter failed', 'file write failed')
+
+
+def _write_failure(err: RuntimeError) -> Optional[OSError]:
+    """The OSError behind a RuntimeError from ``torch.save``'s zip writer, or None if it is not a write failure."""
+    link: Optional[BaseException] = err
+    while link is not None:
+        if isinstance(link, OSError):
+            return link
+        link = link.__cause__ or link.__context__
+    if any(marker in str(err) for marker in _TORCH_WRITE_FAILURES):
+        return OSError(errno.EIO, f'torch could not write the file ({err}); is the disk full?')
+    return None
+
+
 def atomic_torch_save(obj: Any, path: str, retries: int = SAVE_RETRIES) -> None:
     """``torch.save(obj, path)`` atomically (see module doc); raise OSError after ``retries`` failures."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    last_error: Exception = OSError('no attempt made')
+    last_error: OSError = OSError('no attempt made')
     for attempt in range(1, retries + 1):
         try:
             _write_once(obj, path)
             return
         except OSError as err:  # disk full, NFS hiccup...: retry; anything else is a bug -> raise now
             last_error = err
-            logger.warning(f'saving {path} failed (attempt {attempt}/{retries}): {err}')
-            if attempt < retries:
-                time.sleep(1)
-    raise OSError(f'could not save {path} after {retries} attempts: {last_error}') from last_error
+        except RuntimeError as err:
+            write_error = _write_failure(err)
+            if write_error is None:
+                raise
+            last_error = write_error
+        logger.warning(f'saving {path} failed (attempt {attempt}/{retries}): {last_error}')
+        if attempt < retries:
+            time.sleep(1)
+    hint = ''
+    if last_error.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = (f' The disk (or quota) holding {osp.dirname(osp.abspath(path))} is full: free space there '
+                f'(or point path.experiments_root elsewhere) and resume with --auto_resume.')
+    message = f'could not save {path} after {retries} attempts: {last_error}.{hint}'
+    if last_error.errno is not None:
+        raise OSError(last_error.errno, message) from last_error
+    raise OSError(message) from last_error
+
+
+_TEMP_NAME = re.compile(r'^\.(?P<target>.+\.(?:pth|state))\.(?P<pid>\d+)\.tmp$')
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == 'nt':  # no save of ours is running at start-up; Windows: see below
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str) -> List[str]:
+    """Remove temporary files of killed saves (:func:`temp_path_for`'s pattern) from ``directory``.
+
+    Only ``.<name>.pth.<pid>.tmp`` / ``.<name>.state.<pid>.tmp`` files are touched, and only those
+    whose writing process is gone (a live one may still be saving; on Windows a file still open
+    cannot be removed and is kept). Each removal is logged; returns the removed paths.
+    """
+    removed: List[str] = []
+    if not osp.isdir(directory):
+        return removed
+    for name in sorted(os.listdir(directory)):
+        match = _TEMP_NAME.match(name)
+        path = osp.join(directory, name)
+        if match is None or not osp.isfile(path):
+            continue
+        pid = int(match.group('pid'))
+        if _process_alive(pid):
+            logger.warning(f'keeping {path}: process {pid}, which writes it, is still running.')
+            continue
+        try:
+            os.remove(path)
+        except OSError as err:
+            logger.warning(f'could not remove the stale temporary file {path}: {err}')
+            continue
+        logger.warning(f'removed {path}: the unfinished save of {match.group("target")} by a killed process '
+                       f'{pid} (the previous complete file, if any, is untouched).')
+        removed.append(path)
+    return removed
+
+
+def saved_iterations(directory: str, prefix: str, suffix: str) -> List[int]:
+    """Iterations ``N`` of the files named exactly ``<prefix>N<suffix>`` in ``directory``, newest first."""
+    if not osp.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        if name.startswith(prefix) and name.endswith(suffix):
+            stem = name[len(prefix):len(name) - len(suffix)]
+            if stem.isdigit():
+                found.append(int(stem))
+    return sorted(set(found), reverse=True)
+
+
+def network_files(opt: Dict[str, Any], iteration: int) -> List[str]:
+    """The ``models/net_<label>_<iter>.pth`` files a resume from ``iteration`` loads (BasicSR's ``check_resume``)."""
+    ignored = (opt.get('path') or {}).get('ignore_resume_networks') or []
+    return [osp.join(opt['path']['models'], f"net_{key[len('network_'):]}_{iteration}.pth")
+            for key in opt if key.startswith('network_') and key not in ignored]
 
 
 def capture_rng_state() -> Dict[str, Any]:

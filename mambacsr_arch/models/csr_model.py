@@ -9,7 +9,8 @@ distributed runs, BasicSR's ``dist_validation``). Overridden, each for the reaso
 * ``optimize_parameters``: AMP, non-finite-loss guard, per-iteration torch reseeding.
 * ``load_network``: ``params``/``params_ema``/bare files, ``module.`` prefixes, clear mismatch errors.
 * ``save_network`` / ``save_training_state``: atomic writes, RNG + GradScaler state.
-* ``resume_training``: RNG + GradScaler restore, and the epoch counter fixed at epoch ends.
+* ``resume_training``: RNG + GradScaler restore, the option file's optimizer settings over the
+  restored ones, and the epoch counter fixed at epoch ends.
 * ``model_to_device``: DDP on CPU (gloo) as well as CUDA.
 
 Option keys read here (BasicSR YAML)::
@@ -30,6 +31,20 @@ are stored in the ``.state`` file; torch's RNG is reseeded at every iteration fr
 (``manual_seed``, rank, iteration), so dropout and similar draws do not depend on history. A
 resume from the middle of an epoch replays that epoch's data from its start (BasicSR's loop),
 which is logged as a warning. With data workers, worker RNGs are seeded by BasicSR per epoch.
+
+Resuming (see :mod:`mambacsr_arch.models.recovery`): the option file wins over the state. BasicSR
+restores the optimizers' hyper-parameters from the ``.state``, so an edited ``train.optim_g.lr``
+was silently ignored; here every optimizer setting that differs from the restored one is put
+back, with a warning ("train.optim_g.lr 0.0001 from the option file overrides 0.0002 restored
+from <state>"). ``lr`` is the base rate: the schedulers' ``base_lrs`` follow it and the current
+rate is rescaled, so MultiStepRestartLR keeps the decays already passed and
+CosineAnnealingRestartLR follows the new base; milestones/periods/gamma and the iteration come
+from the state. ``--auto_resume`` takes the newest *usable* ``training_states/<iter>.state``
+(unreadable ones, or ones whose ``models/net_g_<iter>.pth`` is missing, are skipped with a
+warning); ``path.resume_state`` (without ``--auto_resume``) picks one, e.g. an older one after a
+divergence (newer states are then replaced as the run passes them, with a warning). A
+non-finite loss stops training with the newest checkpoint whose weights are still sane and the
+exact command to resume from it at a lower rate.
 """
 from __future__ import annotations
 
@@ -52,6 +67,7 @@ from .checkpoint_io import atomic_torch_save, capture_rng_state, restore_rng_sta
 from .distributed import get_bare_model
 from .distributed import model_to_device as _model_to_device
 from .inference import AMP_DTYPES, arch_pad_multiple, parse_amp, resolve_inference_settings, restore_image
+from .recovery import apply_option_hyperparameters, non_finite_advice, option_hyperparameters
 from .weights import load_weights
 
 __all__ = ['AMP_DTYPES', 'CSRModel', 'HATModel', 'MambaCSRModel', 'parse_amp']  # AMP names: from .inference
@@ -106,10 +122,11 @@ class CSRModel(SRModel):
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # all ranks stop together
         if finite.item() < 1:
             values = ', '.join(f'{k}={v.detach().float().item():.6g}' for k, v in loss_dict.items())
+            # the weights usually diverge before the loss does: name a checkpoint that is still sane
             raise FloatingPointError(
-                f'non-finite loss at iteration {current_iter} ({values or total.item()}); on this or another '
-                f'rank. The weights were not updated by this step and the last saved checkpoint is intact. '
-                f'Lower train.optim_g.lr, check the training data, or disable train.use_amp, then resume.')
+                f'non-finite loss at iteration {current_iter} ({values or total.item()}) on this or another '
+                f'rank; this step did not update the weights, but they may have diverged earlier. '
+                + non_finite_advice(self.opt))
 
     def optimize_parameters(self, current_iter: int) -> None:
         # SRModel's step has no autocast, no non-finite guard and no deterministic RNG; same losses.
@@ -243,8 +260,12 @@ class CSRModel(SRModel):
         atomic_torch_save(state, f"{self.opt['path']['training_states']}/{current_iter}.state")
 
     def resume_training(self, resume_state: Dict[str, Any]) -> None:
-        # BasicSR restores optimisers/schedulers only; we add RNG, GradScaler and the epoch fix.
+        # BasicSR restores optimisers/schedulers only (and lets the state's hyper-parameters win over
+        # the option file); we add RNG, GradScaler, the option file's optimizer settings and the epoch fix.
+        wanted = option_hyperparameters(self)  # as built from the option file, before the restore
         super().resume_training(resume_state)
+        apply_option_hyperparameters(self, wanted, (self.opt.get('path') or {}).get('resume_state')
+                                     or f"the training state of iteration {resume_state['iter']}")
         per_epoch = self.iters_per_epoch()  # builds the train dataset: before the RNG restore, in case it draws
         rng = resume_state.get('rng')
         if rng:
