@@ -66,7 +66,7 @@ from ..registry import registers
 from .checkpoint_io import atomic_torch_save, capture_rng_state, restore_rng_state
 from .distributed import get_bare_model
 from .distributed import model_to_device as _model_to_device
-from .inference import AMP_DTYPES, arch_pad_multiple, parse_amp, resolve_inference_settings, restore_image
+from .inference import AMP_DTYPES, parse_amp, resolve_inference_settings, restore_image
 from .recovery import apply_option_hyperparameters, non_finite_advice, option_hyperparameters
 from .weights import load_weights
 
