@@ -14,7 +14,10 @@ BasicSR would fail or ignore an option:
 * ``BaseModel.model_to_device``: BasicSR always passes ``device_ids=[cuda device]`` to DDP;
   we use :func:`mambacsr_arch.models.distributed.model_to_device` (CPU DDP without ids).
 * ``parse_options``: honours ``path.experiments_root`` / ``path.results_root`` (as BasicSR
-  master does) on BasicSR 1.4.2, and accepts torch.distributed.launch's ``--local-rank``.
+  master does) on BasicSR 1.4.2, and accepts torch.distributed.launch's ``--local-rank``. It
+  validates the option file first (:mod:`mambacsr_arch.cli.option_checks`): BasicSR ignores or
+  crashes late on misspelt network keys, scale/upscale mismatches, ``val1`` dataset keys and
+  list dataroots (the authors' own files use the last two).
 """
 from __future__ import annotations
 
