@@ -8,6 +8,11 @@ Every other subcommand lives in its own module exposing::
     run(args: argparse.Namespace) -> int
 
 Modules are imported only when their subcommand runs, so ``basicsr env`` stays light.
+
+Exit status 2 means a configuration error, printed as one ``basicsr <command>: error: ...`` line:
+for ``train`` / ``test`` an :class:`~mambacsr_arch.cli.option_checks.OptionError` raised while the
+option file is checked, before any dataset or network is built (their modules print it, so
+``python -m mambacsr_arch.train`` behaves the same).
 """
 from __future__ import annotations
 
