@@ -178,3 +178,15 @@ def spy(function, calls):
         return function(opt)
 
     return wrapped
+
+
+def test_lmdb_val_sizes_come_from_meta_info_and_name_the_key(tmp_path):
+    from basicsr.utils.lmdb_util import make_lmdb_from_imgs
+
+    gt = tmp_path / 'gt'
+    make_image_folder(gt, ['astronaut'], (16, 16))
+    make_image_folder(gt, ['coffee'], (2, 9))
+    db = str(tmp_path / 'gt.lmdb')
+    make_lmdb_from_imgs(str(gt), db, ['astronaut.png', 'coffee.png'], ['astronaut', 'coffee'], map_size=1 << 24)
+    with pytest.raises(DatasetCheckError, match=r"'coffee': GT is 2x9, smaller than scale 4"):
+        build('JPEGDegradedPairedDataset', db, io_backend={'type': 'lmdb'})

@@ -43,8 +43,8 @@ def image_size(path: str) -> Tuple[int, int]:
             orientation = img.getexif().get(_ORIENTATION, 1) if exif else 1
         if orientation in (1, None):
             return height, width
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        pass  # a format PIL does not size (or a header it rejects): decode it the datasets' way
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+        pass  # a format or size PIL refuses to handle (or a header it rejects): decode it the datasets' way
     img = read_image_bgr8(path)  # EXIF-rotated or not PIL-readable: the decoder's own answer
     return img.shape[0], img.shape[1]
 
