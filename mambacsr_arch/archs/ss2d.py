@@ -358,6 +358,53 @@ class SS2D(nn.Module):
             out = out + self.out_proj.bias
         return self.dropout(out.reshape(b, h, w, c))
 
+    # ------------------------------------------------------------------ reference
+    def forward_reference(self, x: torch.Tensor, x_down: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mixer written to be read (the official algorithm, one direction at a time). Slow: tests only.
+
+        (B, H, W, C) [, (B, h, w, C)] -> (B, H, W, C). Every fast path of this class (the channels-first
+        window mixer, the in-place inference path, the cross-scale mixer) is tested against it, outputs
+        and gradients; its selective scan is the sequential ``reference`` backend.
+        """
+        b, h, w, _ = x.shape
+        d = self.d_inner
+        conv = getattr(self, 'conv2d', None)
+        if conv is None:  # official d_conv < 2: SiLU on both halves before the split
+            xs, z = self.act(self.in_proj(x)).chunk(2, dim=-1)
+            xs = xs.permute(0, 3, 1, 2)
+        else:
+            xs, z = self.in_proj(x).chunk(2, dim=-1)
+            z = self.act(z)
+            xs = self.act(conv(xs.permute(0, 3, 1, 2)))  # (B, D, H, W)
+        xs_down = None
+        if self.cross_scale:
+            if x_down is None:
+                raise ValueError('the cross-scale SS2D needs x_down, the (B, h, w, C) half-resolution features')
+            conv_down = getattr(self, 'conv2d2', None)
+            if conv_down is None:
+                xs_down = self.act_down(self.in_proj_down(x_down)).chunk(2, dim=-1)[0].permute(0, 3, 1, 2)
+            else:
+                xs_down = self.act_down(conv_down(self.in_proj_down(x_down).chunk(2, dim=-1)[0].permute(0, 3, 1, 2)))
+        total = 0
+        for k, p in enumerate(self.parsed):
+            if self.cross_scale:
+                seq = dis.cross_scale_scan(xs, xs_down, p.window, p.column_first, p.flip)
+            else:
+                seq = dis.window_scan(xs, p.window, p.column_first, p.flip)  # (B, D, L)
+            x_dbl = torch.einsum('cd,bdl->bcl', self.x_proj_weight[k], seq)
+            dt, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+            dt = torch.einsum('dr,brl->bdl', self.dt_projs_weight[k], dt)
+            y = ops.selective_scan(seq, dt, -torch.exp(self.A_logs[k * d:(k + 1) * d]), bs, cs,
+                                   self.Ds[k * d:(k + 1) * d], delta_bias=self.dt_projs_bias[k],
+                                   delta_softplus=True, backend='reference')
+            if self.cross_scale:
+                merged = dis.cross_scale_merge(y, p.window, (h, w), p.column_first, p.flip, channels_last=True)
+            else:
+                merged = dis.window_merge(y, p.window, (h, w), p.column_first, p.flip, channels_last=True)
+            total = total + self.multi_scan.attn(merged.reshape(b, h * w, d))  # gate each direction, sum
+        y = self.out_norm(total).reshape(b, h, w, d) * z
+        return self.dropout(self.out_proj(y))
+
     # ------------------------------------------------------------------ forward
     def _project(self, x: torch.Tensor, proj: nn.Linear, conv: Optional[nn.Module], act: nn.Module,
                  need_z: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

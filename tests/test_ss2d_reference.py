@@ -1,0 +1,73 @@
+"""Every fast path of SS2D against its plain reference forward (``SS2D.forward_reference``).
+
+Paths: the channels-first window mixer (d_conv 3), the token path without conv (d_conv 1), the
+cross-scale mixer; each without autograd (the in-place inference path) and with autograd in training
+mode (outputs and the gradients of the input and every parameter). Sizes: multiples of the windows
+and sizes with clipped border windows.
+"""
+import pytest
+import torch
+
+from mambacsr_arch.archs.ss2d import SS2D
+
+CASES = [
+    # (directions, d_conv, cross_scale, size)
+    (['w4', 'w4_flip', 'c_w4', 'c_w4_flip'], 3, False, (8, 8)),
+    (['w4', 'w4_flip', 'c_w8', 'c_w8_flip'], 3, False, (6, 10)),  # clipped windows, mixed sizes
+    (['w64', 'c_w64_flip'], 3, False, (5, 7)),  # map smaller than a window
+    (['w4', 'c_w4_flip'], 1, False, (6, 5)),
+    (['w4', 'w4_flip', 'c_w4', 'c_w4_flip'], 3, True, (8, 8)),
+    (['w4', 'c_w4_flip'], 3, True, (6, 10)),
+]
+
+
+def _module(directions, d_conv, cross_scale):
+    torch.manual_seed(0)
+    m = SS2D(8, directions, d_state=4, d_conv=d_conv, cross_scale=cross_scale)
+    with torch.no_grad():  # non-trivial values everywhere (LayerNorm affine, D, biases)
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def _inputs(size, cross_scale):
+    torch.manual_seed(1)
+    h, w = size
+    x = torch.randn(2, h, w, 8)
+    x_down = torch.randn(2, (h + 1) // 2, (w + 1) // 2, 8) if cross_scale else None
+    return x, x_down
+
+
+@pytest.mark.parametrize('directions, d_conv, cross_scale, size', CASES)
+def test_inference_path_matches_the_reference(directions, d_conv, cross_scale, size):
+    m = _module(directions, d_conv, cross_scale).eval()
+    x, x_down = _inputs(size, cross_scale)
+    with torch.no_grad():
+        fast = m(x, x_down)
+        ref = m.forward_reference(x, x_down)
+    assert fast.shape == ref.shape == x.shape
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('directions, d_conv, cross_scale, size', CASES)
+def test_training_path_matches_the_reference_outputs_and_gradients(directions, d_conv, cross_scale, size):
+    m = _module(directions, d_conv, cross_scale).train()
+    x, x_down = _inputs(size, cross_scale)
+    weight = torch.randn(x.shape)
+    results = []
+    for forward in (m.forward, m.forward_reference):
+        m.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        xd = x_down.clone().requires_grad_(True) if x_down is not None else None
+        out = forward(xi, xd)
+        (out * weight).sum().backward()
+        grads = {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+        grads['input'] = xi.grad.clone()
+        if xd is not None:
+            grads['input_down'] = xd.grad.clone()
+        results.append((out.detach(), grads))
+    (fast, fast_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
