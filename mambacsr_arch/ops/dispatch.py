@@ -44,7 +44,8 @@ class Backend:
     (called at selection time; None means any). probe: None if usable in this process, else why not
     (with the fix); called once, then cached. run: the scan itself. auto: its rank in the automatic
     choice (lower first; None: only on request); why: the reason logged when chosen automatically;
-    device_hint: added to the error when it is requested for tensors on another device.
+    device_hint: added to the error when it is requested for tensors on another device; auto_devices:
+    the device types the automatic choice considers it for (None: all it runs on).
     """
     name: str
     devices: Optional[Callable[[], Tuple[str, ...]]]
@@ -53,9 +54,15 @@ class Backend:
     auto: Optional[int]
     why: str = ''
     device_hint: str = ''
+    auto_devices: Optional[Tuple[str, ...]] = None
 
     def runs_on(self, device_type: str) -> bool:
         return self.devices is None or device_type in self.devices()
+
+    def auto_for(self, device_type: str) -> bool:
+        """Whether the automatic choice considers this backend for ``device_type`` tensors."""
+        return self.auto is not None and self.runs_on(device_type) and \
+            (self.auto_devices is None or device_type in self.auto_devices)
 
 
 def _cpu_module():
@@ -97,7 +104,7 @@ TABLE: Tuple[Backend, ...] = (
     Backend('triton', lambda: _triton_module().devices(), lambda: _triton_module().unavailable_reason(),
             lambda *args: _triton_module().scan(*args), auto=1,
             why='the Triton kernels run on this GPU',
-            device_hint=' (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for tests)'),
+            device_hint=' (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for tests)', auto_devices=('cuda',)),
 )
 BACKENDS = tuple(row.name for row in TABLE)
 _ROWS = {row.name: row for row in TABLE}
@@ -122,7 +129,7 @@ def _device_type(device: Union[torch.device, str, None]) -> str:
 
 
 def _others_for(device_type: str) -> str:
-    return ' or '.join(f"'{row.name}'" for row in TABLE if row.auto is not None and row.runs_on(device_type))
+    return ' or '.join(f"'{row.name}'" for row in TABLE if row.auto_for(device_type))
 
 
 def resolve_backend(device: Union[torch.device, str, None],
@@ -150,7 +157,7 @@ def resolve_backend(device: Union[torch.device, str, None],
             raise RuntimeError(f"selective-scan backend '{backend}' requested by {source} is unavailable: {reason}")
         return backend, f'requested by {source}'
     skipped = []
-    for row in sorted((r for r in TABLE if r.auto is not None and r.runs_on(dev)), key=lambda r: r.auto):
+    for row in sorted((r for r in TABLE if r.auto_for(dev)), key=lambda r: r.auto):
         reason = _unavailable(row.name)
         if reason is None:
             label = dev.upper() if dev in ('cpu', 'cuda') else dev

@@ -77,6 +77,18 @@ def _patch_interpreter_scan() -> None:
     ops._mambacsr_vectorised = True
 
 
+def _check_interpreter_mode() -> None:
+    """Raise if triton itself was imported before ``TRITON_INTERPRET`` was set: its own library functions
+    (``tl.zeros``, ``tl.sum``, ...) are then compiled-mode and cannot run in the interpreter."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.standard.zeros, InterpretedFunction):
+        raise ImportError(f'{INTERPRET_ENV}=1 was set after triton had been imported in this process (triton reads '
+                          f'it at import; importing torch._dynamo imports triton); set {INTERPRET_ENV}=1 in the '
+                          'environment before starting Python')
+
+
 def _kernels() -> ModuleType:
     """Import the Triton kernels (raises ImportError with the install hint if triton is missing).
 
@@ -86,12 +98,17 @@ def _kernels() -> ModuleType:
     mode = interpreting()
     if _KERNELS is None or _KERNELS_INTERPRETED != mode:
         try:
-            if mode:
-                _patch_interpreter_scan()
-            module = sys.modules.get(_KERNEL_MODULE)
-            _KERNELS = importlib.reload(module) if module is not None else importlib.import_module(_KERNEL_MODULE)
+            import triton  # noqa: F401  (the install hint below if this fails)
         except Exception as exc:  # a broken triton install raises more than ImportError
             raise ImportError(f'triton not importable: {type(exc).__name__}: {exc}; {INSTALL_HINT}') from exc
+        if mode:
+            _check_interpreter_mode()
+            _patch_interpreter_scan()
+        try:
+            module = sys.modules.get(_KERNEL_MODULE)
+            _KERNELS = importlib.reload(module) if module is not None else importlib.import_module(_KERNEL_MODULE)
+        except Exception as exc:  # e.g. a triton too old for the kernels' language features
+            raise ImportError(f'triton kernels do not load: {type(exc).__name__}: {exc}; {INSTALL_HINT}') from exc
         _KERNELS_INTERPRETED = mode
     return _KERNELS
 
