@@ -1,7 +1,8 @@
 """``basicsr env``: what this installation can run, and how to fix what it cannot.
 
-Prints versions (python, torch, torchvision, basicsr, numba, opencv, this plugin), CUDA and the
-GPU list, the selective-scan backend chosen for CPU and CUDA tensors and why, the optional
+Prints versions (python, torch, torchvision, basicsr, numba, triton, opencv, this plugin), CUDA and
+the GPU list, the selective-scan backend chosen for CPU and CUDA tensors and why (for CUDA tensors
+also without a GPU: what a GPU run here would use), the optional
 packages that are missing with the command that installs them, and the loaded plugins.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ OPTIONAL_PACKAGES: Dict[str, Tuple[str, str]] = {
     'mamba_ssm': ('CUDA selective-scan kernel', "pip install 'mambacsr-arch[cuda]'"),
     'causal_conv1d': ('mamba_ssm companion kernel', "pip install 'mambacsr-arch[cuda]'"),
     'numba': ('fast CPU selective-scan kernel', 'pip install numba'),
+    'triton': ('CUDA selective-scan kernels without mamba_ssm', 'a CUDA build of PyTorch ships it'),
     'lmdb': ('LMDB datasets', 'pip install lmdb'),
     'tensorboard': ('use_tb_logger: true', 'pip install tensorboard'),
 }
@@ -63,16 +65,15 @@ def collect() -> Dict[str, object]:
         'python': platform.python_version(),
         'platform': platform.platform(),
         'versions': {name: _version(name) for name in
-                     ('mambacsr_arch', 'torch', 'torchvision', 'basicsr', 'numba', 'cv2', 'numpy')},
+                     ('mambacsr_arch', 'torch', 'torchvision', 'basicsr', 'numba', 'triton', 'cv2', 'numpy')},
         'cuda': torch.version.cuda if torch.cuda.is_available() else None,
         'torch_cuda_build': torch.version.cuda,
         'gpus': _gpus(),
         'scan_backends': ops.available_backends(),
         'scan_backend_cpu': _resolve('cpu'),
+        'scan_backend_cuda': _resolve('cuda'),
         'plugins': plugins,
     }
-    if torch.cuda.is_available():
-        report['scan_backend_cuda'] = _resolve('cuda')
     missing = {}
     for name, (purpose, install) in OPTIONAL_PACKAGES.items():
         if importlib.util.find_spec(name) is None:
@@ -94,9 +95,9 @@ def format_report(report: Dict[str, object]) -> str:
         lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + str(reason)}")
     name, why = report['scan_backend_cpu']  # type: ignore[misc]
     lines.append(f'active backend for CPU tensors:  {name} ({why})')
-    if 'scan_backend_cuda' in report:
-        name, why = report['scan_backend_cuda']  # type: ignore[misc]
-        lines.append(f'active backend for CUDA tensors: {name} ({why})')
+    name, why = report['scan_backend_cuda']  # type: ignore[misc]
+    label = 'active backend for CUDA tensors:' if report['gpus'] else 'CUDA tensors would use:        '
+    lines.append(f'{label} {name} ({why})')
     missing = report['missing_optional'] or {}
     lines.append('missing optional packages:' + ('' if missing else ' none'))
     for name, text in missing.items():  # type: ignore[union-attr]

@@ -97,7 +97,7 @@ TABLE: Tuple[Backend, ...] = (
     Backend('mamba_ssm', lambda: ('cuda',), lambda: mamba_ssm_backend.unavailable_reason(), _run_mamba_ssm,
             auto=0, why='mamba_ssm imports'),
     Backend('cpu', lambda: ('cpu',), lambda: _cpu_module().unavailable_reason(),
-            lambda *args: _cpu_module().scan(*args), auto=2, why='numba imports (fused kernel)'),
+            lambda *args: _cpu_module().scan(*args), auto=2, why='the numba kernel imports'),
     Backend('torch', None, _always, _unfused_runner(lambda: torch_scan.scan_core), auto=3,
             why='the portable PyTorch backend'),
     Backend('reference', None, _always, _unfused_runner(lambda: reference.scan_core), auto=None),
