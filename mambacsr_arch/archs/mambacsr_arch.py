@@ -28,7 +28,10 @@ mlp_ratio 2, upscale 4, scan_size 8, DIS on): 22.05M with cross-scale scanning, 
 
 Deviations from the official code (none changes outputs where the official code runs):
 
-* any input size: windows are zero-padded by the scans; with cross-scale scanning an odd-sized
+* any input size: scan windows are clipped at the border (a window overhanging the map scans only
+  the tokens inside it, see :mod:`mambacsr_arch.dis`; identical to the official order for sizes
+  that are multiples of the 64-px windows, and no work is spent on padding for the rest; the
+  official code pads to whole windows instead); with cross-scale scanning an odd-sized
   input is reflect-padded by one pixel to even size (for the exact 0.5 downsample) and the
   output cropped back to ``upscale * (H, W)``; sizes need not be multiples of 16;
 * the cross-scale reverse is exact for non-square inputs (the official one scrambles tokens);
@@ -194,8 +197,8 @@ class MambaCSR(nn.Module):
         self.upscale = upscale
         self.upsampler = upsampler
         self.cross_scale_scan = cross_scale_scan
-        # input multiple inference pads to (models.inference): any size runs (scan windows are zero-padded
-        # inside); the 0.5x cross-scale branch needs even sizes, which forward() would otherwise pad itself
+        # input multiple inference pads to (models.inference): any size runs (scan windows are clipped at
+        # the border); the 0.5x cross-scale branch needs even sizes, which forward() would otherwise pad itself
         self.pad_multiple = 2 if cross_scale_scan else 1
         self.use_checkpoint = use_checkpoint
         self.embed_dim = embed_dim

@@ -155,7 +155,8 @@ class SS2D(nn.Module):
 
         A direction whose flip partner was already scanned is derived from it by reversing (no second
         reorder); every other one is copied straight from the permuted view of the map. Shorter
-        sequences (only with mixed windows) are zero-padded at the end (causal scan: trailing padding
+        sequences (none with the current orders, which all scan every token of the map) would be zero-padded
+        at the end (causal scan: trailing padding
         never changes earlier outputs).
         """
         b, d = x.shape[:2]

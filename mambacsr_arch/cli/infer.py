@@ -102,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument('--scale', type=int, help='upscaling factor (default: option file scale, else upscale kwarg)')
     run_.add_argument('--tile', type=int, help='LR tile size in px; 0 = never tile (default: val.tile.size or the '
                       'top-level tile.tile_size, else whole images up to 512x512 LR px and 256 px tiles above). '
-                      'MambaCSR: use a multiple of 64 (its 64-px scan windows are zero-padded)')
+                      'MambaCSR: any size costs no padding work (scan windows are clipped at tile borders); '
+                      'multiples of 64 match the official whole-window scans')
     run_.add_argument('--tile-overlap', type=int, help='blended tiles: minimum overlap; hat tiles: tile_pad; LR px '
                       '(default: the option file, else 32)')
     run_.add_argument('--tile-mode', choices=('auto', 'blend', 'hat', 'none'),
