@@ -20,6 +20,11 @@ Option keys read here (BasicSR YAML)::
                                       # The selective scan stays float32 (the ops layer disables autocast).
     val:
       log_baseline: false             # also log the metrics of bicubic-upsampled LQ (once per dataset)
+      save_comparisons: false         # rank 0, each validation: <path.visualization>/comparisons/<dataset>/
+                                      # <image>_<iter>_bicubic<dB>_<arch><dB>.png = bicubic LQ | output | GT
+      plot_metrics: false             # true or [metric, ...] of val.metrics: <path.visualization>/curves/
+                                      # <dataset>_<metric>.png, network vs bicubic baseline per iteration
+                                      # (implies the baseline is computed; numbers in curves/history.json)
       # inference settings (tile, max_pixels, pad_multiple, official_protocol, use_amp) and the official
       # files' top-level tile / padding_size: resolved by mambacsr_arch.models.inference.resolve_inference_settings
       # (the same resolver `basicsr infer` uses; its module doc lists the keys)
@@ -50,11 +55,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os.path as osp
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, tensor2img
@@ -63,6 +68,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
 from ..registry import registers
+from . import visuals
 from .checkpoint_io import atomic_torch_save, capture_rng_state, restore_rng_state
 from .distributed import get_bare_model
 from .distributed import model_to_device as _model_to_device
@@ -187,9 +193,32 @@ class CSRModel(SRModel):
                 net.train()
 
     def validation(self, dataloader, current_iter: int, tb_logger, save_img: bool = False) -> None:
+        val_opt = self.opt.get('val') or {}
+        plotted = visuals.plot_metric_names(val_opt)  # a bad val.plot_metrics fails before the pass
         super().validation(dataloader, current_iter, tb_logger, save_img)
-        if (self.opt.get('val') or {}).get('log_baseline') and self.opt.get('rank', 0) == 0:
-            self.log_bicubic_baseline(dataloader, current_iter, tb_logger)
+        if self.opt.get('rank', 0) != 0:
+            return
+        baseline = {}
+        if val_opt.get('log_baseline') or plotted:
+            baseline = self.log_bicubic_baseline(dataloader, current_iter, tb_logger)
+        if not (val_opt.get('save_comparisons') or plotted):
+            return
+        # BasicSR's train loop validates once more after the last iteration, at total_iter + 1, with the
+        # weights of total_iter: file both under total_iter (same files, same curve point).
+        total_iter = int((self.opt.get('train') or {}).get('total_iter') or 0)
+        if isinstance(current_iter, int) and total_iter and current_iter > total_iter:
+            current_iter = total_iter
+        name = dataloader.dataset.opt['name']
+        root = self.opt['path']['visualization']
+        label = str(self.opt['network_g']['type'])
+        if val_opt.get('save_comparisons'):
+            visuals.save_comparisons(self, dataloader, current_iter, osp.join(root, 'comparisons', name), label)
+        if plotted and isinstance(current_iter, int):  # basicsr test passes the run name: no curve to draw
+            folder = osp.join(root, 'curves')
+            entry = visuals.record_metrics(folder, name, current_iter,
+                                           {m: self.metric_results[m] for m in plotted}, baseline)
+            labels = {m: visuals.metric_label(val_opt['metrics'][m]) for m in plotted}
+            visuals.save_metric_plots(folder, name, entry, label, labels)
 
     def log_bicubic_baseline(self, dataloader, current_iter: int, tb_logger) -> Dict[str, float]:
         """Log (once per dataset) ``val.metrics`` of the bicubic-upsampled LQ: the number to beat."""
@@ -203,10 +232,9 @@ class CSRModel(SRModel):
         for data in dataloader:
             if 'gt' not in data:
                 return {}
-            up = F.interpolate(data['lq'].float(), scale_factor=scale, mode='bicubic', align_corners=False)
             gt = data['gt'].float()
-            up = up[..., :gt.shape[-2], :gt.shape[-1]].clamp(0, 1)
-            metric_data = {'img': tensor2img([up]), 'img2': tensor2img([gt])}
+            metric_data = {'img': tensor2img([visuals.bicubic_upsample(data['lq'], scale, gt)]),
+                           'img2': tensor2img([gt])}
             for metric, metric_opt in metrics.items():
                 totals[metric] += float(calculate_metric(metric_data, metric_opt))
             count += 1
