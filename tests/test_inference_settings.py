@@ -311,3 +311,16 @@ def test_infer_restores_like_the_model_with_the_hat_file(tmp_path, tiny_hat):
     model.test()
     expected = model.output[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()[:, :, ::-1]
     np.testing.assert_array_equal(restored, expected)
+
+
+def test_infer_says_once_that_padding_size_turned_on_the_official_protocol(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = build_network(dict(MSRRESNET_TINY))
+    weights = osp.join(str(tmp_path), 'net.pth')
+    torch.save({'params': net.state_dict()}, weights)
+    opt = make_opt(MSRRESNET_TINY, 'MambaCSRModel', padding_size=64)
+    opt['path']['pretrain_network_g'] = weights
+    setup = infer_setup(['--device', 'cpu'], opt, tmp_path)
+    infer_cli.build_model(setup, torch.device('cpu'))
+    err = capsys.readouterr().err
+    assert err.count('official MambaCSR test protocol: padding_size 64') == 1, err

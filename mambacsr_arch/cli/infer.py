@@ -255,6 +255,7 @@ def build_model(setup: InferSetup, device) -> Any:
                                            scale_label='scale (--scale or the option file)'))
     except OptionError as err:
         raise InferConfigError(str(err)) from err
+    print_notes('infer', setup.notes)  # e.g. 'official MambaCSR test protocol: padding_size 64'
     try:
         net = build_network(setup.network_opt)
     except (TypeError, ValueError) as err:  # wrong or inconsistent constructor kwargs
