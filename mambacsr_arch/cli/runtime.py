@@ -186,26 +186,32 @@ def _auto_resume_state(opt: Dict[str, Any]) -> Tuple[Optional[str], Optional[Dic
     return None, None
 
 
+def _names(paths: List[str], limit: int = 4) -> str:
+    """'9.state, 8.state, ... (12 in all)' for a newest-first list of state paths."""
+    names = [osp.basename(p) for p in paths]
+    return ', '.join(names[:limit]) + (f', ... ({len(names)} in all)' if len(names) > limit else '')
+
+
 def _explicit_state(opt: Dict[str, Any], path: str) -> Dict[str, Any]:
     """The state path.resume_state names; one clear error if it cannot be used."""
     states_dir = opt['path'].get('training_states')
     available = list_states(states_dir) if states_dir else []
     if not osp.isfile(path):
         raise FileNotFoundError(f"path.resume_state: training state '{path}' does not exist "
-                                f'(states in {states_dir}: {available or "none"}).')
+                                f'(states in {states_dir}: {_names(available) or "none"}).')
     try:
         state = read_training_state(opt, path)
     except UnusableStateError as err:
         others = [p for p in available if osp.abspath(p) != osp.abspath(path)]
-        raise UnusableStateError(f'path.resume_state: {err}. Point path.resume_state at another state '
-                                 f'({others or "none in " + str(states_dir)}), or use --auto_resume to take '
+        raise UnusableStateError(f'path.resume_state: {err}. Point path.resume_state at another state (in '
+                                 f'{states_dir}: {_names(others) or "none"}), or use --auto_resume to take '
                                  f'the newest usable one.') from err
     if states_dir and osp.dirname(osp.abspath(path)) == osp.abspath(states_dir):
         newer = [p for p in available if int(osp.basename(p)[:-len('.state')]) > int(state['iter'])]
         if newer:
-            _warn_rank0(opt, f'Resuming from iteration {state["iter"]} while newer states exist ({newer}): this '
-                             f'run replaces them and their network files as it passes those iterations. Copy '
-                             f'them elsewhere first if you want to keep them.')
+            _warn_rank0(opt, f'Resuming from iteration {state["iter"]} while newer states exist in {states_dir} '
+                             f'({_names(newer)}): this run replaces them and their network files as it passes '
+                             f'those iterations. Copy them elsewhere first if you want to keep them.')
     return state
 
 
