@@ -16,8 +16,10 @@ independent of mambacsr_arch.models.inference:
 * HAT: ``HATModel.pre_process`` + ``tile_process`` (hard-cropped tiles with ``tile_pad`` context) +
   ``post_process``; saved images within 1/255 per pixel.
 
-Each comparison is shown to be able to fail: the reference is also computed the plain way
-(whole image, no chop / no tiles) and must differ from what is checked.
+Each image comparison is shown to be able to fail: the reference is also computed the plain way
+(whole image, no chop / no tiles) and must differ visibly from what is checked. (The PSNR checks
+pin the metric pipeline and the pairing; with random weights a protocol change moves PSNR by only
+~1e-3 dB, so the images carry the protocol check.)
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from basicsr.utils.options import ordered_yaml
 from official_layouts import (MAMBACSR_TESTSETS, build_hat_testsets, build_mambacsr_testsets, build_mambacsr_train_set,
                               read_rgb_tensor)
 
-pytestmark = pytest.mark.official
+pytestmark = [pytest.mark.official, pytest.mark.slow]
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 OFFICIAL = osp.join(REPO, 'tests', 'data', 'official')
@@ -54,7 +56,7 @@ BASICSR = osp.join(osp.dirname(sys.executable), 'basicsr')
 TIMEOUT = 300
 SCALE = 4
 
-MAMBACSR_TINY = {'embed_dim': 16, 'd_state': 4, 'depths': [1], 'depths2': [1]}
+MAMBACSR_TINY = {'embed_dim': 24, 'd_state': 4, 'depths': [1], 'depths2': [1]}
 HAT_TINY = {'embed_dim': 12, 'depths': [2], 'num_heads': [2], 'squeeze_factor': 4}
 HAT_S_TINY = dict(HAT_TINY, embed_dim=24, depths=[1])  # HAT-S keeps compress_ratio 24: 24 // 24 = 1 channel
 # HAT scales its channel-attention branch by conv_scale (0.01); at random init that branch is too weak for
@@ -251,22 +253,21 @@ def test_mambacsr_official_test_file(tmp_path, replica, checkpoint):
     assert sorted(logged) == sorted(names.values()), logged
     with torch.no_grad(), one_thread():
         for folder, images in pairs.items():
-            per_image, plain = [], []
+            per_image = []
             for gt_path, lq_path in images:
                 lq = read_rgb_tensor(lq_path)
                 sr = tensor2img([official_mambacsr_test(net, lq, SCALE, opt['padding_size'])])
                 per_image.append(metrics_of(sr, gt_path, opt['val']['metrics']))
-                plain.append(metrics_of(tensor2img([net(lq)]), gt_path, opt['val']['metrics']))
                 stem = osp.splitext(osp.basename(lq_path))[0]
                 saved = read_saved(osp.join(root, 'results', opt['name'], 'visualization', names[folder],
                                             f'{stem}_{opt["name"]}.png'))
                 assert saved.shape == sr.shape and np.abs(saved.astype(int) - sr).max() <= 1, (folder, stem)
+                if folder == 'DIV2K':  # 2x2 chops: a whole-image forward must give a visibly different image
+                    assert np.abs(tensor2img([net(lq)]).astype(int) - sr).max() > 8, 'the chop check could not fail'
             expected, got = mean_metrics(per_image), logged[names[folder]][-1]
-            for metric in ('psnr', 'ssim'):
+            for metric in ('psnr', 'ssim'):  # the log prints 4 decimals
                 tol = 1e-3 if metric == 'psnr' else 1e-4
                 assert got[metric] == pytest.approx(expected[metric], abs=tol), (folder, metric, got, expected)
-            if folder == 'DIV2K':  # the one image cut into 2x2 chops: the protocol must be visible in the number
-                assert abs(mean_metrics(plain)['psnr'] - expected['psnr']) > 10 * 1e-3, (expected, plain)
 
 
 # ----------------------------------------------------------------------------- MambaCSR train file
@@ -339,13 +340,11 @@ def test_hat_official_tile_file_test_and_infer(tmp_path):
     ema = write_release(osp.join(root, opt['path']['pretrain_network_g']), opt, HAT_TINY, strong_channel_attention)
 
     run_cli(['test', '-opt', osp.join(OFFICIAL, replica)] + force_yml(HAT_TINY), cwd=root)
-    arch_opts = [f'{key}={value}' for key, value in HAT_TINY.items()]
-    infer_out = {}
-    for folder in pairs:
-        infer_out[folder] = osp.join(root, 'infer', folder)
-        run_cli(['infer', '-i', osp.join('datasets', folder, 'LRbicx4'), '-o', infer_out[folder],
-                 '--opt', osp.join(OFFICIAL, replica), '--device', 'cpu', '--no-progress',
-                 '--arch-opt'] + arch_opts, cwd=root)
+    # basicsr infer on the tiled set (one run: each costs a process start), same option file, no --tile flags
+    infer_out = osp.join(root, 'infer_Set5')
+    run_cli(['infer', '-i', osp.join('datasets', 'Set5', 'LRbicx4'), '-o', infer_out, '--opt',
+             osp.join(OFFICIAL, replica), '--device', 'cpu', '--no-progress', '--arch-opt']
+            + [f'{key}={value}' for key, value in HAT_TINY.items()], cwd=root)
 
     refs = hat_reference_images(opt, HAT_TINY, pairs, ema, opt['tile'])
     tiled_differs = False
@@ -353,15 +352,18 @@ def test_hat_official_tile_file_test_and_infer(tmp_path):
     for (folder, stem), (ref, whole) in refs.items():
         tested = read_saved(osp.join(root, 'results', opt['name'], 'visualization', names[folder],
                                      f'{stem}_{opt["name"]}.png'))
-        inferred = read_saved(osp.join(infer_out[folder], stem + '.png'))
-        for label, img in (('test', tested), ('infer', inferred)):
-            assert img.shape == ref.shape, (label, folder, stem, img.shape, ref.shape)
-            assert np.abs(img.astype(int) - ref).max() <= 1, (label, folder, stem)
-        assert np.abs(inferred.astype(int) - tested).max() <= 1, (folder, stem)
+        assert tested.shape == ref.shape and np.abs(tested.astype(int) - ref).max() <= 1, (folder, stem)
+        if folder == 'Set5':
+            inferred = read_saved(osp.join(infer_out, stem + '.png'))
+            assert inferred.shape == ref.shape and np.abs(inferred.astype(int) - tested).max() <= 1, stem
         tiled_differs |= bool(np.abs(whole.astype(int) - ref).max() > 1)
     assert tiled_differs, 'tiled and whole-image references agree: the tile check could not fail'
     logged = validation_metrics(osp.join(root, 'results', opt['name']))
     assert sorted(logged) == ['Set5', 'Urban100'], logged  # test_2, test_4, test_5 are commented out
+    for folder, images in pairs.items():
+        expected = mean_metrics([metrics_of(refs[folder, osp.splitext(osp.basename(lq))[0]][0], gt,
+                                            opt['val']['metrics']) for gt, lq in images])
+        assert logged[names[folder]][-1]['psnr'] == pytest.approx(expected['psnr'], abs=1e-3), folder
 
 
 def test_hat_official_test_file_five_sets(tmp_path):
