@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mambacsr-installed
 
-.PHONY: demo test env bench clean-venv
+.PHONY: demo test env bench gpu-wheels clean-venv
 
 $(STAMP): setup.py $(CONSTRAINTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ env: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_scan.py
+
+# gpu-wheels: what benchmarks/gpu_check.py needs on an offline GPU machine that has torch + triton but
+# not our pure-Python dependencies. Run here (with internet); copy wheels/ to the GPU machine's checkout.
+# basicsr has no wheel on PyPI: it is built here (pure Python; torch must be importable, hence the venv).
+GPU_PYTHON ?= 3.12
+GPU_PLATFORM ?= manylinux2014_x86_64
+gpu-wheels: $(STAMP)
+	mkdir -p wheels
+	$(PIP) wheel --quiet --no-deps --no-build-isolation -c $(CONSTRAINTS) -w wheels basicsr
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--platform $(GPU_PLATFORM) -c $(CONSTRAINTS) -d wheels addict lmdb yapf future
+	ls wheels
 
 clean-venv:
 	rm -rf $(VENV)
