@@ -81,6 +81,38 @@ def test_non_finite_loss_without_any_sane_checkpoint_says_so(tmp_path):
         train_and_save(model, [1, 2, 3])
 
 
+def _nan_worker(rank: int, world: int, init_file: str, root: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        opt = make_opt(root)
+        opt.update(dist=True, rank=rank, world_size=world)
+        model = build_model(opt)
+        data = batch(seed=rank)
+        if rank == 1:
+            data['gt'][0, 0, 0, 0] = float('nan')  # only rank 1 sees the bad sample
+        model.feed_data(data)
+        try:
+            model.optimize_parameters(2)
+        except FloatingPointError as err:
+            with open(osp.join(root, f'rank{rank}.txt'), 'w') as f:
+                f.write(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: ~45 s on 2 shared cores
+def test_non_finite_loss_in_ddp_every_rank_reports_rank0s_advice(tmp_path):
+    import torch.multiprocessing as mp
+
+    train_and_save(build_model(make_opt(tmp_path)), [1])
+    mp.spawn(_nan_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    messages = [(tmp_path / f'rank{rank}.txt').read_text() for rank in range(2)]
+    assert 'iteration 1: ' in messages[0] and 'path:resume_state=' in messages[0]
+    assert messages[1].split('on this or another rank')[1] == messages[0].split('on this or another rank')[1]
+
+
 @pytest.mark.parametrize('scheduler', [
     {'type': 'MultiStepRestartLR', 'milestones': [2, 5], 'gamma': 0.5},
     {'type': 'CosineAnnealingRestartLR', 'periods': [8], 'restart_weights': [1], 'eta_min': 1e-7}])

@@ -128,11 +128,14 @@ class CSRModel(SRModel):
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # all ranks stop together
         if finite.item() < 1:
             values = ', '.join(f'{k}={v.detach().float().item():.6g}' for k, v in loss_dict.items())
-            # the weights usually diverge before the loss does: name a checkpoint that is still sane
+            # the weights usually diverge before the loss does: rank 0 names a checkpoint that is still
+            # sane; every rank waits for that advice and reports it (none exits first and gets rank 0 killed)
+            advice = [non_finite_advice(self.opt) if int(self.opt.get('rank', 0)) == 0 else '']
+            if self.opt.get('dist', False):
+                torch.distributed.broadcast_object_list(advice, src=0)
             raise FloatingPointError(
                 f'non-finite loss at iteration {current_iter} ({values or total.item()}) on this or another '
-                f'rank; this step did not update the weights, but they may have diverged earlier. '
-                + non_finite_advice(self.opt))
+                f'rank; this step did not update the weights, but they may have diverged earlier. ' + advice[0])
 
     def optimize_parameters(self, current_iter: int) -> None:
         # SRModel's step has no autocast, no non-finite guard and no deterministic RNG; same losses.

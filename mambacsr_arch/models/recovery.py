@@ -112,8 +112,6 @@ def resume_command(opt: Dict[str, Any], state_path: str, lr: Optional[float]) ->
 
 def non_finite_advice(opt: Dict[str, Any]) -> str:
     """What to do after a non-finite loss: the checkpoint to resume from and the command (see module doc)."""
-    if opt.get('dist', False) and int(opt.get('rank', 0)) != 0:
-        return "Rank 0's error names the checkpoint to resume from."
     lr = ((opt.get('train') or {}).get('optim_g') or {}).get('lr')
     lower = float(lr) / 10 if isinstance(lr, (int, float)) else None
     iteration, passed = newest_healthy_checkpoint(opt)
