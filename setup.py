@@ -43,11 +43,14 @@ setup(
         'numba>=0.59',  # the CPU selective-scan kernel
         'scikit-image',  # embedded demo photos (also a basicsr dependency)
         'tqdm',
+        'safetensors',  # .safetensors checkpoints, read wherever a .pth is accepted
     ],
     extras_require={
         # Built against the user's CUDA torch; only ever imported inside mambacsr_arch.ops.
         'cuda': ['mamba-ssm', 'causal-conv1d'],
-        'dev': ['pytest', 'pytest-timeout'],
+        # `basicsr export`: ONNX export (torch's dynamo exporter needs onnxscript) and its onnxruntime check
+        'export': ['onnx', 'onnxscript', 'onnxruntime'],
+        'dev': ['pytest', 'pytest-timeout', 'onnx', 'onnxscript', 'onnxruntime'],
     },
     entry_points={
         'console_scripts': ['basicsr=mambacsr_arch.cli.main:main'],

@@ -93,6 +93,8 @@ def infer_mambacsr_config(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     if ups:
         ratios = {int(w.shape[0]) // int(w.shape[1]) for _, w in ups}
         cfg['upscale'] = 3 if ratios == {9} else 2**len(ups)
+    elif 'conv_before_upsample.0.weight' in sd:  # BasicSR's Upsample(1) has no layers
+        cfg['upscale'] = 1
     if _FIRST_SSM + 'x_proj_weight' in sd and not cfg['cross_scale_scan']:
         cfg['dual_interleaved_scan'] = int(sd[_FIRST_SSM + 'x_proj_weight'].shape[0]) == 2
     if _FIRST_MLP in sd and 'embed_dim' in cfg:

@@ -34,14 +34,49 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
 
+#: Wrapper entries a checkpoint's network weights are found under, most preferred first: BasicSR
+#: (``params_ema``, ``params``), PyTorch Lightning / timm (``state_dict``), other trainers (``model``, ``net``).
+WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model', 'net')
+#: Key prefixes stripped from every key: DataParallel/DDP (``module.``) and GAN trainers' generator (``netG.``).
+STRIP_PREFIXES = ('module.', 'netG.')
+SAFETENSORS_SUFFIX = '.safetensors'
+
+
+def _is_safetensors(path: str) -> bool:
+    """True for a ``.safetensors`` name, or a file laid out like one (8-byte header size, then a JSON '{')."""
+    if path.lower().endswith(SAFETENSORS_SUFFIX):
+        return True
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and not head.startswith(b'PK')
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as err:
+        raise ImportError('reading or writing .safetensors files needs the safetensors package: '
+                          'pip install safetensors') from err
+    return safetensors.torch
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """``torch.load`` a checkpoint onto the CPU (``weights_only=True``); errors name the file."""
+    """A checkpoint file as a dict on the CPU; errors name the file.
+
+    ``.pth``/``.pt`` (or any torch.save file): ``torch.load(weights_only=True)``, so no pickled code
+    runs. ``.safetensors`` (by name or content): the flat tensor dict, read with the safetensors package.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist: check path.pretrain_network_g "
-                                f'in your option file.')
+                                f'in your option file (or --weights).')
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        if _is_safetensors(path):
+            obj = _safetensors().load_file(path, device='cpu')
+        else:
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+    except ImportError:
+        raise
     except Exception as err:  # corrupt, truncated or pickled with unexpected classes
         raise RuntimeError(f"cannot read checkpoint '{path}': {type(err).__name__}: {err}") from err
     if not isinstance(obj, Mapping):
@@ -49,9 +84,62 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return dict(obj)
 
 
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Union[str, os.PathLike],
+                     metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write a bare state dict as ``.safetensors``, atomically (temporary file, then rename).
+
+    Shared storage (tied or view tensors) is copied apart, as the format requires.
+    """
+    path = os.fspath(path)
+    if not _is_state_dict(state_dict):
+        raise ValueError(f"'{path}': only a non-empty dict of tensors can be saved as safetensors.")
+    tensors = {key: value.detach().to('cpu').contiguous().clone() for key, value in state_dict.items()}
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        _safetensors().save_file(tensors, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor], source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+    """``state`` without :data:`STRIP_PREFIXES`. When some keys carry ``netG.`` (a GAN checkpoint), only
+    those are the generator's: the others (``netD.``...) are dropped, and the drop is logged."""
+    generator = [key for key in state if key.startswith('netG.') or key.startswith('module.netG.')]
+    if generator and len(generator) < len(state):
+        logger.info(f"{source}: keeping the {len(generator)} 'netG.' (generator) tensors, ignoring "
+                    f'{len(state) - len(generator)} others ({preview([k for k in state if k not in generator], 3)}).')
+        state = OrderedDict((key, state[key]) for key in generator)
+    cleaned = OrderedDict()
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        if key in cleaned:
+            raise RuntimeError(f"{source}: two tensors are named '{key}' once the {STRIP_PREFIXES} prefixes are "
+                               'stripped; this file mixes several networks: pick one with path.param_key_g.')
+        cleaned[key] = value
+    return cleaned
+
+
+def _find_wrapped(checkpoint: Mapping[str, Any]) -> Optional[str]:
+    """The most preferred :data:`WRAPPER_KEYS` entry of ``checkpoint`` holding a dict, else None."""
+    return next((key for key in WRAPPER_KEYS if isinstance(checkpoint.get(key), Mapping)), None)
+
+
 def select_params(checkpoint: Mapping[str, Any], param_key: Optional[str], source: str = 'checkpoint'
                   ) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
-    """The state dict under ``param_key`` (see module doc), with ``module.`` prefixes stripped.
+    """The network state dict in ``checkpoint``, canonicalised: one wrapper entry, prefixes stripped.
+
+    ``param_key``: the entry to load; None/'none'/'~' means the file is the state dict; ``'auto'``
+    picks the first present of :data:`WRAPPER_KEYS` (params_ema > params > state_dict > model > net),
+    else the bare dict. A key of :data:`WRAPPER_KEYS` that is absent falls back the same way (logged),
+    as BasicSR's ``params_ema`` -> ``params``; any other absent key is an error naming the entries.
+    ``module.``/``netG.`` prefixes are stripped (:func:`strip_prefixes`).
 
     Returns ``(state_dict, key_used)``; ``key_used`` is None when the root dict was used.
     """
@@ -60,24 +148,27 @@ def select_params(checkpoint: Mapping[str, Any], param_key: Optional[str], sourc
         state = checkpoint
     elif key_used in checkpoint and isinstance(checkpoint[key_used], Mapping):
         state = checkpoint[key_used]
-    elif key_used == 'params_ema' and isinstance(checkpoint.get('params'), Mapping):
-        logger.info(f"{source}: no 'params_ema', loading 'params'.")
-        key_used, state = 'params', checkpoint['params']
+    elif key_used in WRAPPER_KEYS + ('auto', ) and _find_wrapped(checkpoint) is not None:
+        found = _find_wrapped(checkpoint)
+        if key_used != 'auto':
+            logger.info(f"{source}: no '{key_used}', loading '{found}'.")
+        key_used, state = found, checkpoint[found]
     elif _is_state_dict(checkpoint):
-        logger.info(f"{source}: no '{key_used}' entry; the file is a bare state dict, loading it whole.")
+        if key_used != 'auto':
+            logger.info(f"{source}: no '{key_used}' entry; the file is a bare state dict, loading it whole.")
         key_used, state = None, checkpoint
     else:
         raise KeyError(f"{source}: param key '{key_used}' not found; the file has {sorted(checkpoint)}. "
                        f'Set path.param_key_g to one of those (or ~ for a bare state dict).')
+    # one nested wrapper more, e.g. {'state_dict': {'params': ...}} or {'model': {'params_ema': ...}}
+    if not _is_state_dict(state) and isinstance(state, Mapping) and _find_wrapped(state) is not None:
+        inner = _find_wrapped(state)
+        logger.info(f"{source}: '{key_used or '<root>'}' wraps '{inner}', loading that.")
+        key_used, state = f"{key_used or '<root>'}.{inner}" if key_used else inner, state[inner]
     if not _is_state_dict(state):
         raise RuntimeError(f"{source}: the entry '{key_used or '<root>'}' is not a dict of tensors "
                            f'(keys: {list(state)[:8]}); check path.param_key_g.')
-    cleaned = OrderedDict()
-    for key, value in state.items():
-        while key.startswith('module.'):
-            key = key[len('module.'):]
-        cleaned[key] = value
-    return cleaned, key_used
+    return strip_prefixes(state, source), key_used
 
 
 def _indices(keys: List[str], pattern: str) -> List[int]:
