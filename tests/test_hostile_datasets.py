@@ -6,6 +6,7 @@ JPEGDegradedPairedDataset and the real ``basicsr train`` pipeline.
 """
 import logging
 import os
+import re
 import sys
 
 import cv2
@@ -134,7 +135,7 @@ def test_check_skips_datasets_it_cannot_size():
     assert check_dataset(Unpaired(), {'scale': 4, 'phase': 'val'}) == 0
 
 
-def test_train_stops_on_a_3x2_val_image_before_the_first_iteration(tmp_path, monkeypatch):
+def test_train_stops_on_a_3x2_val_image_before_the_first_iteration(tmp_path, monkeypatch, capsys):
     from mambacsr_arch.cli import train as train_cli
 
     train_gt, val_gt = tmp_path / 'train_gt', tmp_path / 'val_gt'
@@ -165,9 +166,10 @@ def test_train_stops_on_a_3x2_val_image_before_the_first_iteration(tmp_path, mon
     built = []
     monkeypatch.setattr(basicsr_train, 'build_dataset', spy(basicsr_train.build_dataset, built))
     monkeypatch.setattr(basicsr_train, 'build_model', spy(basicsr_train.build_model, built))
-    with pytest.raises(DatasetCheckError, match=r"val dataset 'tiny_val'.*rocket\.png': GT is 3x2, smaller than "
-                                                r'scale 4'):
-        train_cli.main(['-opt', str(opt_file)])
+    assert train_cli.main(['-opt', str(opt_file)]) == 2  # one line on stderr, no traceback
+    err = capsys.readouterr().err
+    assert re.search(r"basicsr train: error: val dataset 'tiny_val'.*rocket\.png': GT is 3x2, smaller than scale 4",
+                     err), err
     # the training set was built, then the check stopped the run: no model, no iteration, no checkpoint
     assert built == ['train', 'tiny_val'] and not os.listdir(tmp_path / 'exp' / 'models')
 

@@ -215,3 +215,18 @@ def test_broken_yaml_and_missing_sections_are_one_message(tmp_path, monkeypatch)
         parse(write(tmp_path / 'o.yml', no_path), monkeypatch)
     with pytest.raises(OptionError, match=r"option file '.*nothere\.yml' does not exist \(-opt\)"):
         parse(tmp_path / 'nothere.yml', monkeypatch)
+
+
+def test_an_unusable_resume_state_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    make_image_folder(tmp_path / 'data' / 'gt', ['astronaut'], (32, 32))
+    state = tmp_path / 'broken.state'
+    state.write_bytes(b'not a torch file')
+    opt = options()
+    opt['path']['resume_state'] = str(state)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    code = cli_main(['train', '-opt', write(tmp_path / 'resume.yml', opt)])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert 'Traceback' not in err
+    assert any(line.startswith('basicsr train: error:') and 'broken.state' in line for line in err.splitlines()), err

@@ -303,6 +303,43 @@ def wrap_parse_options(parse_options: Callable) -> Callable:
     return wrapped
 
 
+def _user_errors() -> Tuple[type, ...]:
+    """Exceptions that mean "fix the option file, the data or the resume state": one line, no traceback."""
+    from mambacsr_arch.cli.option_checks import OptionError
+    from mambacsr_arch.data.checks import DatasetCheckError
+    from mambacsr_arch.data.image_io import ImageFolderError, ImageReadError
+    from mambacsr_arch.data.pairing import PairingError
+
+    return OptionError, DatasetCheckError, ImageFolderError, ImageReadError, PairingError, UnusableStateError
+
+
+def run_pipeline(command: str, argv: Optional[List[str]] = None) -> int:
+    """``basicsr train|test``: BasicSR's own ``<command>_pipeline`` with plugins loaded and our fixes installed.
+
+    A bad option file, dataset or resume state (see :func:`_user_errors`) is printed as one line
+    ``basicsr <command>: error: ...`` with exit status 2; a non-finite loss (whose message names the
+    checkpoint to resume from) as one line with status 1. Anything else keeps its traceback.
+    """
+    import importlib
+
+    from mambacsr_arch.cli.option_checks import EXIT_CONFIG
+
+    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    load_plugins()
+    patch_basicsr()
+    pipeline = getattr(importlib.import_module(f'basicsr.{command}'), f'{command}_pipeline')
+    sys.argv = [f'basicsr {command}'] + argv  # BasicSR's parse_options reads sys.argv
+    try:
+        pipeline(root_path=os.getcwd())
+    except _user_errors() as err:
+        print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except FloatingPointError as err:
+        print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def normalize_argv(argv: List[str]) -> List[str]:
     """Accept ``--local-rank`` (torch.distributed.launch >= 2.0) as BasicSR's ``--local_rank``."""
     return [a.replace('--local-rank', '--local_rank', 1) if a.startswith('--local-rank') else a for a in argv]
