@@ -18,6 +18,13 @@ BasicSR would fail or ignore an option:
   validates the option file first (:mod:`mambacsr_arch.cli.option_checks`): BasicSR ignores or
   crashes late on misspelt network keys, scale/upscale mismatches, ``val1`` dataset keys and
   list dataroots (the authors' own files use the last two).
+* dataset pairing and I/O (:func:`patch_datasets`): ``PairedImageDataset`` pairs LQ with GT by stem
+  whatever the extension (the authors' ``HR/*.png`` + ``LR_q10/*.jpg``, ``filename_tmpl: '{}x4'``),
+  LMDB-backed datasets share one read-only environment per database and process, and every
+  val/test dataset is size-checked when it is built, before the first training iteration.
+
+:func:`run_pipeline` runs the pipeline and turns the errors a user fixes in the option file, the
+data or the resume state into one ``basicsr <cmd>: error:`` line (exit status 2).
 """
 from __future__ import annotations
 
