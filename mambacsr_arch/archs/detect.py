@@ -29,7 +29,7 @@ from .hat_checkpoint import infer_hat_options
 from .mambacsr_arch import infer_mambacsr_config
 from .state_dict_report import checkpoint_arch, preview
 
-__all__ = ['DetectionError', 'detect_arch', 'SUPPORTED_ARCHS']
+__all__ = ['DetectionError', 'detect_arch', 'detect_network', 'SUPPORTED_ARCHS']
 
 SUPPORTED_ARCHS = ('MambaCSR', 'HAT')
 _FIRST_SSM = 'layers.0.residual_group.blocks.0.self_attention.'
@@ -129,3 +129,29 @@ def _hat(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, Any], List[str]]:
         kwargs['img_size'] = max(64, int(found['window_size']))
         assumptions.append(f"img_size={kwargs['img_size']} (nominal training size; any input size runs)")
     return kwargs, assumptions
+
+
+def detect_network(state_dict: Mapping[str, torch.Tensor], overrides: Mapping[str, Any] = ()) -> Tuple[Dict[str, Any], str]:
+    """``(network_g options, one-line summary)``: :func:`detect_arch`, then ``overrides`` (``--arch-opt``) on top.
+
+    The summary names the arch, its key options and scale, and the assumed options not overridden.
+    """
+    arch, kwargs, assumptions = detect_arch(state_dict)
+    overrides = dict(overrides)
+    kwargs.update(overrides)
+    shown = ', '.join(f'{name}={kwargs[name]!r}' for name in _SUMMARY[arch] if name in kwargs)
+    assumed = [line for line in assumptions if line.split('=', 1)[0] not in overrides]
+    summary = f"detected {arch} x{kwargs.get('upscale')} from the weights: {shown}"
+    if overrides:
+        summary += f'; --arch-opt: {overrides}'
+    if assumed:
+        summary += f"; assumed (override with --arch-opt KEY=VALUE): {'; '.join(assumed)}"
+    return kwargs, summary
+
+
+_SUMMARY = {
+    'MambaCSR': ('embed_dim', 'depths', 'd_state', 'mlp_ratio', 'cross_scale_scan', 'depths2',
+                 'dual_interleaved_scan', 'resi_connection', 'in_chans'),
+    'HAT': ('embed_dim', 'depths', 'num_heads', 'window_size', 'compress_ratio', 'squeeze_factor', 'overlap_ratio',
+            'mlp_ratio', 'upsampler', 'resi_connection', 'in_chans'),
+}

@@ -28,6 +28,7 @@ SUBCOMMANDS: Dict[str, tuple] = {
     'infer': ('infer', 'restore a folder of compressed LR images (no ground truth needed)'),
     'eval': ('evaluate', 'PSNR/SSIM of restored images against ground truth'),
     'prepare-csr': ('prepare_csr', 'write GT / JPEG-degraded LQ folders, sub-images and LMDBs'),
+    'export': ('export', 'a checkpoint as a verified ONNX model (onnxruntime vs PyTorch) or .safetensors weights'),
     'env': ('env', 'versions, devices, the active selective-scan backend, missing extras'),
 }
 PASSTHROUGH = {'train', 'test'}

@@ -1,0 +1,290 @@
+"""``basicsr export``: a checkpoint as a verified ONNX model (or as plain ``.safetensors`` weights).
+
+Usage::
+
+    basicsr export --weights net_g.pth -o model.onnx --size 64 64 [--dynamic] [--opset 18]
+    basicsr export --weights net_g.pth --opt options/test_mambacsr_x4.yml -o model.onnx --size 128 96
+    basicsr export --weights net_g.pth -o net_g.safetensors        # weights only, no ONNX
+
+The network is ``network_g`` of ``--opt``, else detected from the weights
+(:func:`mambacsr_arch.archs.detect.detect_network`: arch, options, scale; printed once);
+``--arch-opt KEY=VALUE`` overrides either. Weights are read by the one loader
+(:mod:`mambacsr_arch.models.weights`: ``.pth``/``.safetensors``, ``params_ema`` > ``params`` >
+``state_dict`` > ``model`` > ``net`` > bare, ``module.``/``netG.`` stripped) and loaded strictly.
+
+ONNX: traced with torch's ``torch.export``-based exporter (needs the ``[export]`` extra: onnx,
+onnxscript, onnxruntime) for a (1, in_chans, H, W) input, H x W = ``--size``. MambaCSR's
+selective scan is exported as plain ONNX operators: the pure-PyTorch ``torch`` backend, in its
+``parallel`` strategy (chunks of 128 steps, each a log2(128)-level Hillis-Steele scan, so the graph
+grows with H*W/128, not with H*W). The exported model is then run with onnxruntime (CPU) on a
+random input and compared with PyTorch: the command prints the max abs difference and fails
+(exit 1, nothing written) above ``--tolerance`` (default 1e-3). The ``.onnx`` is written atomically
+and self-contained (no external-data file; models under 2 GB).
+
+``--dynamic`` asks for symbolic batch/height/width. It is verified too, at a second, different size:
+when the exporter had to fix a size (the scans' window layout, HAT's attention masks depend on it)
+the command says so and fails instead of writing a model that is wrong at other sizes.
+
+Exit codes: 0 exported and verified; 1 verification failed; 2 configuration error.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import os.path as osp
+import sys
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+EXIT_OK, EXIT_MISMATCH, EXIT_CONFIG = 0, 1, 2
+DEFAULT_OPSET = 18
+DEFAULT_TOLERANCE = 1e-3
+
+
+class ExportConfigError(Exception):
+    """A problem the user must fix (flags, option file, weights, missing packages)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``basicsr export``'s flags on ``parser``."""
+    parser.add_argument('--weights', required=True, help='checkpoint: .pth or .safetensors')
+    parser.add_argument('-o', '--output', required=True, help='model.onnx, or X.safetensors for the weights only')
+    parser.add_argument('--opt', help='option file whose network_g builds the network (default: detect from weights)')
+    parser.add_argument('--arch-opt', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='network_g overrides; values parsed as YAML: scan_size=16 "depths=[6,6]"')
+    parser.add_argument('--param-key', help='checkpoint entry (default: path.param_key_g with --opt, else the first '
+                        'of params_ema, params, state_dict, model, net, else the bare file)')
+    parser.add_argument('--size', nargs=2, type=int, metavar=('H', 'W'), help='LR input height and width (ONNX)')
+    parser.add_argument('--dynamic', action='store_true', help='symbolic batch / height / width (verified at a '
+                        'second size; refused where the network cannot be exported size-independently)')
+    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
+    parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,
+                        help=f'max abs difference onnxruntime vs PyTorch (default {DEFAULT_TOLERANCE:g})')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random check input (default 0)')
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def resolve_network(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[str], str]:
+    """``(network_g options, state dict, key used, summary line)`` from ``--opt``/detection and ``--arch-opt``."""
+    from mambacsr_arch.archs.detect import DetectionError, detect_network
+    from mambacsr_arch.cli.infer import InferConfigError, _load_option_file, _parse_arch_opts
+    from mambacsr_arch.models.weights import read_checkpoint, select_params
+
+    try:
+        opt = _load_option_file(args.opt) if args.opt else {}
+        overrides = _parse_arch_opts(args.arch_opt)
+    except InferConfigError as err:
+        raise ExportConfigError(str(err)) from err
+    path_opt = opt.get('path') or {}
+    param_key = args.param_key if args.param_key is not None else path_opt.get('param_key_g', 'auto')
+    try:
+        state, key_used = select_params(read_checkpoint(args.weights), param_key, source=f"'{args.weights}'")
+    except (OSError, KeyError, RuntimeError, ImportError) as err:
+        raise ExportConfigError(str(err).strip('"')) from err
+    if opt:
+        network_opt = dict(opt.get('network_g') or {})
+        if not network_opt.get('type'):
+            raise ExportConfigError(f"option file '{args.opt}' has no network_g.type.")
+        network_opt.update(overrides)
+        summary = f"network_g of '{args.opt}'" + (f' with --arch-opt {overrides}' if overrides else '')
+    else:
+        try:
+            network_opt, summary = detect_network(state, overrides)
+        except DetectionError as err:
+            raise ExportConfigError(f"'{args.weights}': {err}") from err
+    return network_opt, state, key_used, summary
+
+
+def build_network_from(network_opt: Dict[str, Any], state: Dict[str, Any], source: str) -> Any:
+    """The network of ``network_opt`` with ``state`` loaded strictly, in eval mode, on the CPU."""
+    from basicsr.archs import build_network
+
+    from mambacsr_arch.models.weights import load_state
+
+    try:
+        net = build_network(dict(network_opt))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ExportConfigError(f'cannot build {network_opt.get("type")} with {network_opt}: {err}; fix network_g '
+                                'or --arch-opt.') from err
+    try:
+        load_state(net, state, strict=True, source=source)
+    except RuntimeError as err:
+        raise ExportConfigError(str(err)) from err
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+@contextlib.contextmanager
+def exportable_scan(net: Any) -> Iterator[None]:
+    """Route MambaCSR's selective scan through plain tensor ops while exporting (restored afterwards).
+
+    The numba / CUDA kernels are opaque to the exporter; the ``torch`` backend's ``parallel``
+    strategy is a fixed number of ops per 128-step chunk (its ``loop`` strategy would unroll one
+    op per token).
+    """
+    from mambacsr_arch.ops import torch_scan
+
+    mixers = [m for m in net.modules() if hasattr(m, 'scan_backend')]
+    before = [m.scan_backend for m in mixers]
+    strategy = torch_scan.DEFAULT_STRATEGY
+    try:
+        for mixer in mixers:
+            mixer.scan_backend = 'torch'
+        torch_scan.DEFAULT_STRATEGY = 'parallel'
+        yield
+    finally:
+        torch_scan.DEFAULT_STRATEGY = strategy
+        for mixer, backend in zip(mixers, before):
+            mixer.scan_backend = backend
+
+
+def _require_export_packages() -> None:
+    missing = []
+    for name in ('onnx', 'onnxscript', 'onnxruntime'):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportConfigError(f"ONNX export needs {', '.join(missing)}: pip install 'mambacsr-arch[export]' "
+                                f"(or pip install {' '.join(missing)}).")
+
+
+def export_onnx(net: Any, path: str, size: Tuple[int, int], dynamic: bool, opset: int) -> None:
+    """Export ``net`` for a (1, C, H, W) input to ``path`` (self-contained .onnx)."""
+    import torch
+
+    in_chans = int(net.conv_first.weight.shape[1])
+    example = torch.rand(1, in_chans, *size)
+    dynamic_shapes = None
+    if dynamic:
+        dim = torch.export.Dim
+        dynamic_shapes = ({0: dim('batch', min=1), 2: dim('height', min=2), 3: dim('width', min=2)}, )
+    with torch.no_grad(), exportable_scan(net):
+        try:
+            program = torch.onnx.export(net, (example, ), None, dynamo=True, opset_version=opset, verbose=False,
+                                        input_names=['lq'], output_names=['sr'], dynamic_shapes=dynamic_shapes)
+        except Exception as err:  # torch.export's errors are long; the first line says what failed
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            fix = (' The network cannot be exported with symbolic sizes: export a fixed --size without --dynamic '
+                   '(one model per input size, or tile the images to that size).' if dynamic else '')
+            raise ExportConfigError(f'ONNX export failed: {type(err).__name__}: {first}.{fix}') from err
+    program.save(path, external_data=False)
+
+
+def onnx_difference(net: Any, path: str, shape: Tuple[int, ...], seed: int) -> float:
+    """Max abs difference between onnxruntime (CPU) and PyTorch for one random input of ``shape``."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(*shape, generator=generator)
+    with torch.no_grad():
+        expected = net(x).numpy()
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    if got.shape != expected.shape:
+        return float('inf')
+    return float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
+
+
+def _check_output(args: argparse.Namespace) -> str:
+    out = args.output
+    ext = osp.splitext(out)[1].lower()
+    for flag, other in (('--weights', args.weights), ('--opt', args.opt)):
+        if other and osp.exists(out) and osp.exists(other) and osp.samefile(out, other):
+            raise ExportConfigError(f"-o '{out}' is the {flag} file; choose another output name.")
+    if ext not in ('.onnx', '.safetensors'):
+        raise ExportConfigError(f"-o '{out}': name a .onnx model or .safetensors weights file.")
+    if osp.isdir(out):
+        raise ExportConfigError(f"-o '{out}' is a folder; name a file.")
+    parent = osp.dirname(osp.abspath(out))
+    if not osp.isdir(parent):
+        raise ExportConfigError(f"-o '{out}': folder '{parent}' does not exist.")
+    if ext == '.onnx':
+        if args.size is None:
+            raise ExportConfigError('ONNX export needs the input size: --size H W (LR pixels), e.g. --size 64 64.')
+        if min(args.size) < 2:
+            raise ExportConfigError(f'--size {args.size[0]} {args.size[1]}: height and width must be >= 2.')
+        if args.opset < 18:
+            raise ExportConfigError(f'--opset {args.opset}: the exporter needs opset >= 18.')
+        if not args.tolerance > 0:
+            raise ExportConfigError(f'--tolerance must be > 0, got {args.tolerance}.')
+    return ext
+
+
+def _temporary(path: str) -> str:
+    return osp.join(osp.dirname(osp.abspath(path)), f'.{osp.basename(path)}.tmp{os.getpid()}')
+
+
+def _prepare(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any], str]:
+    """Check the request, resolve and build the network: ``(net, network_g options, output extension)``."""
+    ext = _check_output(args)
+    if ext == '.onnx':
+        _require_export_packages()
+    network_opt, state, key_used, summary = resolve_network(args)
+    print(f'basicsr export: {summary}')
+    return build_network_from(network_opt, state, f"'{args.weights}' [{key_used or 'root'}]"), network_opt, ext
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``basicsr export``; returns the exit code (see module doc)."""
+    from mambacsr_arch.cli.runtime import load_plugins
+
+    load_plugins()
+    try:
+        net, network_opt, ext = _prepare(args)
+        if ext == '.onnx':
+            return _export_and_verify(net, args)
+    except ExportConfigError as err:
+        print(f'basicsr export: error: {err}', file=sys.stderr)
+        return EXIT_CONFIG
+    from mambacsr_arch.models.weights import save_safetensors
+
+    save_safetensors(net.state_dict(), args.output, metadata={'network_g': json.dumps(network_opt)})
+    print(f'basicsr export: wrote {args.output} ({len(net.state_dict())} tensors, network_g in its metadata).')
+    return EXIT_OK
+
+
+def _export_and_verify(net: Any, args: argparse.Namespace) -> int:
+    size = (int(args.size[0]), int(args.size[1]))
+    in_chans = int(net.conv_first.weight.shape[1])
+    tmp = _temporary(args.output)
+    try:
+        start = time.perf_counter()
+        export_onnx(net, tmp, size, args.dynamic, args.opset)
+        exported = time.perf_counter() - start
+        checks: List[Tuple[Tuple[int, ...], float]] = []
+        shapes = [(1, in_chans) + size]
+        if args.dynamic:  # a second batch and size: a size baked into the graph shows up here
+            shapes.append((2, in_chans, size[0] + 3, size[1] + 5))
+        for shape in shapes:
+            try:
+                checks.append((shape, onnx_difference(net, tmp, shape, args.seed)))
+            except Exception as err:  # onnxruntime refusing the shape: a fixed size inside the graph
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                print(f'basicsr export: FAILED: onnxruntime cannot run the model at {shape}: {first}. Export a fixed '
+                      '--size without --dynamic.', file=sys.stderr)
+                return EXIT_MISMATCH
+        for shape, diff in checks:
+            print(f'basicsr export: onnxruntime vs PyTorch at input {tuple(shape)}: max abs difference {diff:.3g} '
+                  f'(tolerance {args.tolerance:g})')
+        worst = max(diff for _, diff in checks)
+        if not worst <= args.tolerance:
+            print(f'basicsr export: FAILED: the exported model differs from PyTorch by {worst:.3g} > '
+                  f'{args.tolerance:g}; nothing written.', file=sys.stderr)
+            return EXIT_MISMATCH
+        os.replace(tmp, args.output)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+    kind = 'dynamic batch/height/width' if args.dynamic else f'fixed input (1, {in_chans}, {size[0]}, {size[1]})'
+    print(f'basicsr export: wrote {args.output} ({kind}, opset {args.opset}, exported in {exported:.0f} s).')
+    return EXIT_OK
