@@ -104,6 +104,24 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'reflect') -> Tu
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)
 
 
+def channels_last_weight_(conv: nn.Conv2d) -> nn.Conv2d:
+    """Store ``conv.weight`` in channels-last memory format (in place; values unchanged). Returns ``conv``.
+
+    For a conv that only ever sees channels-last inputs: its weight gradient then comes out
+    channels-last, and a parameter stored the same way keeps them alike. Otherwise DDP warns
+    "Grad strides do not match bucket view strides" and copies every such gradient into its bucket
+    each step; a depth-wise (D, 1, k, k) weight differs only in the stride of its size-1 dim, which
+    the check compares all the same. ``load_state_dict`` copies into the parameter, keeping the format.
+    """
+    weight = conv.weight.data
+    _, i, kh, kw = weight.shape
+    # explicit strides: .contiguous(memory_format=...) leaves a (D, 1, k, k) weight as it is (it already
+    # counts as channels-last, size-1 dims being ignored there) but autograd's gradient has these strides
+    stored = torch.empty_strided(weight.shape, (i * kh * kw, 1, kw * i, i), dtype=weight.dtype, device=weight.device)
+    conv.weight.data = stored.copy_(weight)
+    return conv
+
+
 def make_resi_conv(dim: int, resi_connection: str) -> nn.Module:
     """Convolution closing a residual group (SwinIR/HAT/MambaIR convention).
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dis, ops
+from .layers import channels_last_weight_
 
 __all__ = ['DirectionGate', 'SS2D']
 
@@ -115,14 +116,15 @@ class SS2D(nn.Module):
         self.in_proj = nn.Linear(d_model, d_inner * 2, bias=bias)
         self.act = nn.SiLU()
         if d_conv > 1:
-            self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner,
-                                    bias=conv_bias)
+            # its inputs are channels-last views: a channels-last weight matches its gradient (DDP buckets)
+            self.conv2d = channels_last_weight_(
+                nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias))
         if cross_scale:
             self.in_proj_down = nn.Linear(d_model, d_inner * 2, bias=bias)
             self.act_down = nn.SiLU()
             if d_conv > 1:
-                self.conv2d2 = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner,
-                                         bias=conv_bias)
+                self.conv2d2 = channels_last_weight_(
+                    nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias))
 
         x_proj = torch.empty(k, self.dt_rank + 2 * self.d_state, d_inner)
         bound = 1 / math.sqrt(d_inner)  # nn.Linear's default init
