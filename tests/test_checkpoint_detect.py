@@ -2,6 +2,7 @@
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,48 @@ def test_safetensors_by_content_and_bad_files(tmp_path):
     mixed = {'netG.a': torch.zeros(1), 'module.netG.a': torch.ones(1)}
     with pytest.raises(RuntimeError, match="two tensors are named 'a'"):
         select_params(mixed, None)
+
+
+@pytest.mark.parametrize('opt', [dict(MAMBA, upscale=2, cross_scale_scan=True), dict(HAT, upscale=3)],
+                         ids=['MambaCSR', 'HAT'])
+def test_infer_with_weights_only_equals_the_configured_network(tmp_path, capsys, monkeypatch, opt):
+    import json
+
+    import cv2
+
+    from helpers_images import photo_bgr
+    from mambacsr_arch.cli.main import main
+
+    monkeypatch.setenv('MAMBACSR_SCAN_BACKEND', 'torch')  # portable scan: not a test of the CPU kernel
+    net = _net(opt)
+    save_safetensors({'netG.' + k: v for k, v in net.state_dict().items()}, tmp_path / 'w.safetensors')
+    cv2.imwrite(str(tmp_path / 'lr.png'), photo_bgr(size=(10, 14)))
+    common = ['infer', '-i', str(tmp_path / 'lr.png'), '--weights', str(tmp_path / 'w.safetensors'), '--device',
+              'cpu', '--no-progress']
+    assert main(common + ['-o', str(tmp_path / 'detected')]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"detected {opt['type']} x{opt['upscale']}") == 1 and 'assumed' in err
+    configured = {k: v for k, v in opt.items() if k != 'type'}
+    assert main(common + ['-o', str(tmp_path / 'configured'), '--arch', opt['type'], '--scale', str(opt['upscale']),
+                          '--network-opt', json.dumps(configured)]) == 0
+    detected = cv2.imread(str(tmp_path / 'detected' / 'lr.png'))
+    assert detected.shape == (10 * opt['upscale'], 14 * opt['upscale'], 3)
+    assert np.array_equal(detected, cv2.imread(str(tmp_path / 'configured' / 'lr.png')))
+    # --arch-opt overrides a detected value (here to one the weights do not fit: strict loading says so)
+    assert main(common + ['-o', str(tmp_path / 'wrong'), '--arch-opt', 'embed_dim=48']) == 2
+    assert 'embed_dim' in capsys.readouterr().err
+
+
+def test_infer_with_foreign_weights_names_them(tmp_path, capsys):
+    import cv2
+
+    from helpers_images import photo_bgr
+    from mambacsr_arch.cli.main import main
+
+    msr = build_network(dict(type='MSRResNet', num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, upscale=4))
+    torch.save({'params': msr.state_dict()}, tmp_path / 'msr.pth')
+    cv2.imwrite(str(tmp_path / 'lr.png'), photo_bgr(size=(8, 8)))
+    assert main(['infer', '-i', str(tmp_path / 'lr.png'), '-o', str(tmp_path / 'o'), '--weights',
+                 str(tmp_path / 'msr.pth')]) == 2
+    err = capsys.readouterr().err
+    assert 'no network' in err and 'cannot detect the architecture' in err and '--arch' in err

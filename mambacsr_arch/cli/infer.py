@@ -3,12 +3,15 @@
 Usage::
 
     basicsr infer -i LQ_DIR_OR_FILE -o OUT_DIR --opt options/test.yml
+    basicsr infer -i LQ_DIR -o OUT_DIR --weights Cross-scale-QF10-x4.pth   # arch + options detected
     basicsr infer -i LQ_DIR -o OUT_DIR --arch MambaCSR --weights net_g.pth \\
         --arch-opt embed_dim=180 'depths=[6,6,6,6,6,6]' --scale 4 [--tile 256 --tile-overlap 32]
 
 The network comes from an option file (``network_g``, ``path.pretrain_network_g``,
 ``path.param_key_g``, ``path.strict_load_g``, ``scale``) or from ``--arch`` + ``--weights``;
-``--network-opt JSON`` then ``--arch-opt key=value`` override constructor kwargs. Inference
+``--network-opt JSON`` then ``--arch-opt key=value`` override constructor kwargs. With neither an
+option file's ``network_g.type`` nor ``--arch``, the network is detected from the weights
+(:func:`mambacsr_arch.archs.detect.detect_network`; printed once, ``--arch-opt`` overrides). Inference
 settings (tiles, max_pixels, pad multiple, AMP, official protocol) come from ONE resolver,
 :func:`mambacsr_arch.models.inference.resolve_inference_settings`, which ``MambaCSRModel``/
 ``HATModel.test`` use too, so ``basicsr infer --opt X`` restores images like ``basicsr test -opt X``:
@@ -90,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group('network')
     net.add_argument('--opt', help='BasicSR option file (network_g, path.pretrain_network_g, scale, tile)')
     net.add_argument('--arch', help='registered arch name, e.g. MambaCSR or HAT (overrides network_g.type)')
-    net.add_argument('--weights', help='checkpoint .pth (overrides path.pretrain_network_g)')
+    net.add_argument('--weights', help='checkpoint .pth or .safetensors (overrides path.pretrain_network_g); with no '
+                     '--opt/--arch, the arch (MambaCSR, HAT) and its options are detected from it')
     net.add_argument('--param-key', help="checkpoint entry: params, params_ema (falls back to params) or none "
                      "for a bare state dict (default: path.param_key_g, else params with --opt as BasicSR, "
                      "params_ema without)")
@@ -160,6 +164,22 @@ def _parse_arch_opts(items: Sequence[str]) -> Dict[str, Any]:
     return kwargs
 
 
+def _detect_network(weights: str, param_key: Optional[str], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """network_g detected from ``weights`` (MambaCSR or HAT), ``overrides`` (--arch-opt) on top; the summary
+    line to print once is under ``'_detected'``."""
+    from mambacsr_arch.archs.detect import DetectionError, detect_network
+    from mambacsr_arch.models.weights import read_checkpoint, select_params
+
+    try:
+        state, _ = select_params(read_checkpoint(weights), param_key, source=f"'{weights}'")
+        network_opt, summary = detect_network(state, overrides)
+    except DetectionError as err:
+        raise InferConfigError(f"no network: no --opt or --arch, and '{weights}': {err}") from err
+    except (OSError, KeyError, RuntimeError, ImportError) as err:
+        raise InferConfigError(str(err.args[0]) if err.args else str(err)) from err
+    return dict(network_opt, _detected=summary)
+
+
 def resolve_setup(args: argparse.Namespace) -> InferSetup:
     """Merge option file and flags into an :class:`InferSetup`; raises :class:`InferConfigError`."""
     opt: Dict[str, Any] = _load_option_file(args.opt) if args.opt else {}
@@ -176,8 +196,6 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
     network_opt.update(_parse_arch_opts(args.arch_opt))
     if args.arch:
         network_opt['type'] = args.arch
-    if not network_opt.get('type'):
-        raise InferConfigError(f'no network: {source} has no network_g.type; pass --opt test.yml or --arch NAME.')
 
     path_opt = opt.get('path') or {}
     weights = args.weights or path_opt.get('pretrain_network_g')
@@ -188,6 +206,10 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
     default_key = 'params' if args.opt else 'params_ema'
     param_key = args.param_key if args.param_key is not None else path_opt.get('param_key_g', default_key)
     strict = not args.no_strict and bool(path_opt.get('strict_load_g', True))
+    detected: List[str] = []
+    if not network_opt.get('type'):  # no network_g.type, no --arch: arch and options from the weights
+        network_opt = _detect_network(str(weights), param_key, network_opt)
+        detected.append(network_opt.pop('_detected'))
 
     if args.scale is not None:
         scale, scale_from = args.scale, '--scale'
@@ -211,7 +233,7 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
     except ValueError as err:
         raise InferConfigError(str(err)) from err
     return InferSetup(network_opt=network_opt, weights=str(weights), param_key=param_key, strict=strict,
-                      scale=int(scale), settings=settings, notes=list(settings.notes))
+                      scale=int(scale), settings=settings, notes=detected + list(settings.notes))
 
 
 def restore_kwargs(setup: InferSetup, net: Any) -> Dict[str, Any]:
