@@ -2,7 +2,13 @@
 
 The MambaCSR 64x64 training case: dim = 720 (4 scan directions x 180 channels, groups = 4), N = 16,
 L = 4096, with D, delta_bias and softplus (as the SS2D mixer calls it), batch 1 and 4.
-Prints seconds per call (median of --repeat after one warm-up) and ratios:
+Prints seconds per call (median of --repeat after one warm-up), cycles per state update and ratios:
+
+* cycles / upd: process CPU seconds of the call (all threads) x the CPU clock from /proc/cpuinfo's
+  "cpu MHz" (the nominal clock: turbo makes real cycles higher), divided by the number of 8-wide
+  state updates, batch * dim * L * N / 8 (forward: one per step and 8 states; fwd+bwd: the same count,
+  so it includes the backward's recomputation). Process CPU time, not wall time, so other jobs on a
+  shared machine inflate it less.
 
 * vs ref: the sequential reference's forward at the same size in this process. Its backward keeps
   every state and takes minutes, so its forward+backward is measured at L = --ref-bwd-length and
@@ -26,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -65,6 +71,11 @@ def forward_backward(inputs: Dict[str, torch.Tensor], backend: str) -> None:
 def timed(fn: Callable[[], object], repeat: int, warmup: int = 1, slow_s: float = 10.0) -> float:
     """Median wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs (one run if the
     warm-up alone took over ``slow_s`` seconds: slow backends are timed once)."""
+    return timed_cpu(fn, repeat, warmup, slow_s)[0]
+
+
+def timed_cpu(fn: Callable[[], object], repeat: int, warmup: int = 1, slow_s: float = 10.0) -> Tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) of ``fn``, timed as in :func:`timed`."""
     times: List[float] = []
     for _ in range(warmup):
         start = time.perf_counter()
@@ -72,13 +83,33 @@ def timed(fn: Callable[[], object], repeat: int, warmup: int = 1, slow_s: float 
         times.append(time.perf_counter() - start)
     if times and min(times) > slow_s:
         repeat = 1
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeat):
         gc.collect()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        cpu_times.append(time.process_time() - cpu_start)
+    return statistics.median(times), statistics.median(cpu_times)
+
+
+def cpu_mhz() -> Optional[float]:
+    """The first "cpu MHz" of /proc/cpuinfo (None where there is none, e.g. not Linux)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('cpu MHz'):
+                    return float(line.split(':')[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cycles_per_update(cpu_s: float, mhz: Optional[float], batch: int) -> str:
+    """Process CPU cycles per 8-wide state update, formatted ('?' without a clock)."""
+    if mhz is None:
+        return '?'
+    return f'{cpu_s * mhz * 1e6 / (batch * DIM * LENGTH * N_STATE / 8):.1f}'
 
 
 def rss_bytes() -> int:
@@ -145,11 +176,15 @@ def main() -> None:
     print(f'torch {torch.__version__}, numba {numba.__version__}, {torch.get_num_threads()} threads (torch and the '
           f'cpu kernel), {os.cpu_count()} CPUs, load average {load:.1f}; dim {DIM}, N {N_STATE}, groups {GROUPS}, '
           f'L {LENGTH}, D + delta_bias + softplus')
+    mhz = cpu_mhz()
+    print(f'CPU clock (/proc/cpuinfo "cpu MHz", nominal): {mhz} MHz; cycles / upd = process CPU seconds x that '
+          f'clock / (batch * dim * L * N / 8) 8-wide state updates')
     print(f'backends: {backends}; unavailable: '
           f'{ {k: v for k, v in available_backends().items() if v} }')
     rows = []
-    header = ('| batch | backend | forward s | fwd+bwd s | fwd speed-up vs ref | fwd+bwd speed-up vs ref* '
-              '| forward / exp floor |\n|---|---|---|---|---|---|---|')
+    header = ('| batch | backend | forward s | fwd cycles / upd | fwd+bwd s | fwd+bwd cycles / upd '
+              '| fwd speed-up vs ref | fwd+bwd speed-up vs ref* | forward / exp floor |\n'
+              '|---|---|---|---|---|---|---|---|---|')
     for batch in args.batches:
         inputs = make_inputs(batch, LENGTH)
         floor = timed(lambda: torch.exp(torch.empty(batch, DIM, LENGTH, N_STATE)), args.repeat)
@@ -160,9 +195,10 @@ def main() -> None:
               f'forward+backward ~{ref_fb:.1f} s (measured at L={args.ref_bwd_length}, scaled x'
               f'{LENGTH / args.ref_bwd_length:g})', flush=True)
         for backend in backends:
-            fwd = timed(lambda: call(inputs, backend), args.repeat)
-            fb = timed(lambda: forward_backward(inputs, backend), args.repeat)
-            rows.append(f'| {batch} | {backend} | {fwd:.3f} | {fb:.3f} | {ref_fwd / fwd:.0f}x | {ref_fb / fb:.0f}x '
+            fwd, fwd_cpu = timed_cpu(lambda: call(inputs, backend), args.repeat)
+            fb, fb_cpu = timed_cpu(lambda: forward_backward(inputs, backend), args.repeat)
+            rows.append(f'| {batch} | {backend} | {fwd:.3f} | {cycles_per_update(fwd_cpu, mhz, batch)} | {fb:.3f} '
+                        f'| {cycles_per_update(fb_cpu, mhz, batch)} | {ref_fwd / fwd:.0f}x | {ref_fb / fb:.0f}x '
                         f'| {fwd / floor:.2f} |')
             print(rows[-1], flush=True)
     print('\n' + header)

@@ -132,7 +132,8 @@ class _CpuScan(torch.autograd.Function):
         out = u2.new_empty((rows, length))
         last = u2.new_empty((rows, padded))
         ckpt = u2.new_empty((rows, max(1, math.ceil(length / CHUNK)), padded))
-        _run(kernels.scan_forward, rows, u2.numpy(), delta2.numpy(), Ap.numpy(), Bt.numpy(), Ct.numpy(),
+        row_blocks = batch * groups * math.ceil(dim // groups / kernels.R)  # see _cpu_kernels.block_rows
+        _run(kernels.scan_forward, row_blocks, u2.numpy(), delta2.numpy(), Ap.numpy(), Bt.numpy(), Ct.numpy(),
              D1.numpy(), z2.numpy(), bias1.numpy(), bool(softplus), z is not None, dim, groups, CHUNK,
              out.numpy(), last.numpy(), ckpt.numpy())
         ctx.save_for_backward(u2, delta2, z2, Ap, Bt, Ct, D1, bias1, ckpt)
