@@ -95,3 +95,17 @@ def test_unrelated_checkpoint_is_named(tmp_path, capsys):
     assert main(['export', '--weights', str(tmp_path / 'msr.pth'), '-o', str(tmp_path / 'm.onnx'),
                  '--size', '8', '8']) == 2
     assert 'cannot detect the architecture' in capsys.readouterr().err
+
+
+def test_dynamic_batch_is_verified_at_two_batch_sizes(tmp_path, capsys):
+    import onnxruntime
+
+    net, weights = _checkpoint(tmp_path, HAT)
+    out = tmp_path / 'dyn.onnx'
+    assert main(['export', '--weights', str(weights), '-o', str(out), '--size', '8', '12', '--dynamic']) == 0
+    printed = capsys.readouterr().out
+    assert 'at input (1, 3, 8, 12)' in printed and 'at input (3, 3, 8, 12)' in printed and '(N, 3, 8, 12)' in printed
+    x = torch.rand(2, 3, 8, 12)
+    session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    with torch.no_grad():
+        assert np.abs(session.run(None, {'lq': x.numpy()})[0] - net(x).numpy()).max() <= 1e-3

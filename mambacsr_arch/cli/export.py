@@ -21,9 +21,10 @@ random input and compared with PyTorch: the command prints the max abs differenc
 (exit 1, nothing written) above ``--tolerance`` (default 1e-3). The ``.onnx`` is written atomically
 and self-contained (no external-data file; models under 2 GB).
 
-``--dynamic`` asks for symbolic batch/height/width. It is verified too, at a second, different size:
-when the exporter had to fix a size (the scans' window layout, HAT's attention masks depend on it)
-the command says so and fails instead of writing a model that is wrong at other sizes.
+``--dynamic`` makes the batch size symbolic (verified at batch 1 and 3). Height and width are
+always the fixed ``--size``: MambaCSR's window scan orders and HAT's shifted-window attention masks
+are built for one size when traced (torch.export cannot keep them symbolic), so export one model
+per tile size and tile larger images (``basicsr infer --tile`` does the same in PyTorch).
 
 Exit codes: 0 exported and verified; 1 verification failed; 2 configuration error.
 """
@@ -34,8 +35,10 @@ import contextlib
 import json
 import os
 import os.path as osp
+import re
 import sys
 import time
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 EXIT_OK, EXIT_MISMATCH, EXIT_CONFIG = 0, 1, 2
@@ -57,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--param-key', help='checkpoint entry (default: path.param_key_g with --opt, else the first '
                         'of params_ema, params, state_dict, model, net, else the bare file)')
     parser.add_argument('--size', nargs=2, type=int, metavar=('H', 'W'), help='LR input height and width (ONNX)')
-    parser.add_argument('--dynamic', action='store_true', help='symbolic batch / height / width (verified at a '
-                        'second size; refused where the network cannot be exported size-independently)')
+    parser.add_argument('--dynamic', action='store_true', help='symbolic batch size (verified at batch 1 and 3); '
+                        'height and width stay --size: the scan orders and attention masks are built for it')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
     parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,
                         help=f'max abs difference onnxruntime vs PyTorch (default {DEFAULT_TOLERANCE:g})')
@@ -161,20 +164,19 @@ def export_onnx(net: Any, path: str, size: Tuple[int, int], dynamic: bool, opset
     import torch
 
     in_chans = int(net.conv_first.weight.shape[1])
-    example = torch.rand(1, in_chans, *size)
-    dynamic_shapes = None
-    if dynamic:
-        dim = torch.export.Dim
-        dynamic_shapes = ({0: dim('batch', min=1), 2: dim('height', min=2), 3: dim('width', min=2)}, )
-    with torch.no_grad(), exportable_scan(net):
+    # a dynamic batch is traced at 2 (torch.export specialises a size-1 dimension to 1)
+    example = torch.rand(2 if dynamic else 1, in_chans, *size)
+    dynamic_shapes = ({0: torch.export.Dim('batch', min=1, max=1024)}, ) if dynamic else None
+    with torch.no_grad(), exportable_scan(net), warnings.catch_warnings():
+        # HAT caches its attention masks per size in a dict: traced as constants of the fixed --size, as intended
+        warnings.filterwarnings('ignore', message='.*was assigned during export', category=UserWarning)
         try:
             program = torch.onnx.export(net, (example, ), None, dynamo=True, opset_version=opset, verbose=False,
                                         input_names=['lq'], output_names=['sr'], dynamic_shapes=dynamic_shapes)
         except Exception as err:  # torch.export's errors are long; the first line says what failed
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            fix = (' The network cannot be exported with symbolic sizes: export a fixed --size without --dynamic '
-                   '(one model per input size, or tile the images to that size).' if dynamic else '')
-            raise ExportConfigError(f'ONNX export failed: {type(err).__name__}: {first}.{fix}') from err
+            first = re.sub(r'\x1b\[[0-9;]*m', '', str(err).strip().splitlines()[0] if str(err).strip() else '')
+            fix = ' Try without --dynamic (batch 1).' if dynamic else ''
+            raise ExportConfigError(f'ONNX export failed: {type(err).__name__}: {first}{fix}') from err
     program.save(path, external_data=False)
 
 
@@ -263,15 +265,15 @@ def _export_and_verify(net: Any, args: argparse.Namespace) -> int:
         exported = time.perf_counter() - start
         checks: List[Tuple[Tuple[int, ...], float]] = []
         shapes = [(1, in_chans) + size]
-        if args.dynamic:  # a second batch and size: a size baked into the graph shows up here
-            shapes.append((2, in_chans, size[0] + 3, size[1] + 5))
+        if args.dynamic:  # other batch sizes: a batch size baked into the graph shows up here
+            shapes = [(1, in_chans) + size, (3, in_chans) + size]
         for shape in shapes:
             try:
                 checks.append((shape, onnx_difference(net, tmp, shape, args.seed)))
             except Exception as err:  # onnxruntime refusing the shape: a fixed size inside the graph
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                print(f'basicsr export: FAILED: onnxruntime cannot run the model at {shape}: {first}. Export a fixed '
-                      '--size without --dynamic.', file=sys.stderr)
+                print(f'basicsr export: FAILED: onnxruntime cannot run the model at {shape}: {first}. Export '
+                      'without --dynamic.', file=sys.stderr)
                 return EXIT_MISMATCH
         for shape, diff in checks:
             print(f'basicsr export: onnxruntime vs PyTorch at input {tuple(shape)}: max abs difference {diff:.3g} '
@@ -285,6 +287,6 @@ def _export_and_verify(net: Any, args: argparse.Namespace) -> int:
     finally:
         if osp.exists(tmp):
             os.remove(tmp)
-    kind = 'dynamic batch/height/width' if args.dynamic else f'fixed input (1, {in_chans}, {size[0]}, {size[1]})'
+    kind = f"input ({'N' if args.dynamic else 1}, {in_chans}, {size[0]}, {size[1]})"
     print(f'basicsr export: wrote {args.output} ({kind}, opset {args.opset}, exported in {exported:.0f} s).')
     return EXIT_OK

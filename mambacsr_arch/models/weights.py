@@ -1,9 +1,12 @@
 """Loading network weights from BasicSR-style checkpoint files, with actionable errors.
 
-A checkpoint file is either ``{'params': sd, 'params_ema': sd, ...}`` (BasicSR, official
-MambaCSR/HAT releases) or a bare state dict. :func:`load_weights` picks the sub-dict named by
-``param_key`` (``params_ema`` falls back to ``params`` as in BasicSR; ``None``/``'none'``/``''``
-means the file *is* the state dict), strips ``module.`` prefixes (DataParallel/DDP saves) and
+A checkpoint file is a ``.pth`` (``torch.load(weights_only=True)``) or a ``.safetensors`` file
+(:func:`read_checkpoint`), holding ``{'params': sd, 'params_ema': sd, ...}`` (BasicSR, official
+MambaCSR/HAT releases), another trainer's wrapper (``state_dict``, ``model``, ``net``) or a bare
+state dict. :func:`load_weights` picks the sub-dict named by ``param_key`` (an absent wrapper key
+falls back along params_ema > params > state_dict > model > net > bare, as BasicSR's
+``params_ema`` -> ``params``; ``'auto'`` takes the first present; ``None``/``'none'``/``''`` means
+the file *is* the state dict), strips ``module.``/``netG.`` prefixes (:func:`select_params`) and
 loads it. With ``strict=True`` a mismatch raises one RuntimeError listing the missing,
 unexpected and wrongly shaped keys and the most likely wrong hyper-parameter. Archs that
 override ``load_state_dict`` with their own diagnosis (e.g. HAT) keep it: their message is
