@@ -1,10 +1,12 @@
-"""MambaCSR vs HAT: forward latency, images/s, peak memory, parameters and FLOPs (released configs, x4).
+"""MambaCSR vs HAT: forward latency, training step, images/s, peak memory, params and FLOPs (released x4 configs).
 
 Run (not a test; prints one table and the ratios, all measured in this run)::
 
     python benchmarks/bench_models.py                 # LR 64x64 and 128x128, CPU (+ CUDA if present)
     python benchmarks/bench_models.py --quick         # LR 32x32, 2 repeats: a smoke run
     python benchmarks/bench_models.py --sizes 64 --repeats 5 --devices cpu --threads 2
+    python benchmarks/bench_models.py --sizes 64 --train-sizes 64 --models MambaCSR HAT   # issue-13 table
+    python benchmarks/bench_models.py --train-sizes                                       # no training column
 
 Measured per (device, LR size), models interleaved within each repeat so that background load
 hits all of them alike:
@@ -19,6 +21,10 @@ hits all of them alike:
   under ``torch.inference_mode()`` (CUDA: synchronised); images/s = 1 / latency.
 * CPU time: median process CPU time (all threads) of the same forwards. On a loaded machine wall
   time includes waiting for a core; CPU time does not, so its ratio is the steadier CPU comparison.
+* training step (``--train-sizes``, default LR 64): one optimisation step of a train-mode copy of each
+  model on a (``--train-batch``, 3, s, s) batch (GT 4x larger): forward, L1 loss, backward, Adam, as
+  ``MambaCSRModel.optimize_parameters`` does (no EMA); median wall and CPU time of ``repeats`` steps after
+  one warm-up step, models interleaved. The issue-13 target is MambaCSR/HAT CPU time <= 1.0 at LR 64, batch 1.
 * scan share: time inside ``mambacsr_arch.ops.selective_scan`` / forward time, summed over the timed
   forwards (the function is wrapped by a timer; on CUDA synchronised around each call, which
   costs a little latency there).
@@ -182,18 +188,66 @@ def timed_scan(device: torch.device) -> Iterator[List[float]]:
 # ----------------------------------------------------------------------------- driver
 
 
+class TrainStep:
+    """One training step of a train-mode copy of ``net`` (forward, L1, backward, Adam) on a fixed batch."""
+
+    def __init__(self, net: nn.Module, size: int, batch: int, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.net = copy.deepcopy(net).train()
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-4)
+        self.lq = torch.rand(batch, 3, size, size).to(device)
+        self.gt = torch.rand(batch, 3, size * 4, size * 4).to(device)
+
+    def __call__(self) -> Tuple[float, float]:
+        """(wall seconds, process CPU seconds) of one step (synchronised on CUDA)."""
+        _sync(self.lq.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.opt.zero_grad(set_to_none=True)
+        nn.functional.l1_loss(self.net(self.lq), self.gt).backward()
+        self.opt.step()
+        _sync(self.lq.device)
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def bench_training(nets: Dict[str, nn.Module], size: int, batch: int, repeats: int,
+                   device: torch.device) -> Dict[str, Tuple[float, float]]:
+    """Median (wall, CPU) seconds per training step for each model; models interleaved in every repeat."""
+    steps = {name: TrainStep(net, size, batch, device) for name, net in nets.items()}
+    for step in steps.values():
+        step()  # warm-up: backward kernels compile, the optimizer state is allocated
+    times: Dict[str, List[Tuple[float, float]]] = {name: [] for name in nets}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(step())
+    result = {}
+    for name, measured in times.items():
+        result[name] = (statistics.median(t[0] for t in measured), statistics.median(t[1] for t in measured))
+        print(f'  measured {name:<13} {device.type} {size}x{size} training step (batch {batch}): '
+              f'{result[name][0]:.2f} s', file=sys.stderr)
+    del steps
+    gc.collect()
+    return result
+
+
 def build(name: str, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     return build_network(MODELS[name]).to(device).eval()
 
 
-def bench_device(names: Sequence[str], sizes: Sequence[int], repeats: int, device: torch.device) -> List[dict]:
-    """One row per (model, size) on ``device``; models interleaved inside every repeat."""
+def bench_device(names: Sequence[str], sizes: Sequence[int], repeats: int, device: torch.device,
+                 train_sizes: Sequence[int] = (), train_batch: int = 1) -> List[dict]:
+    """One row per (model, size) on ``device``; models interleaved inside every repeat. Training steps are
+    measured at ``train_sizes`` (batch ``train_batch``); the other rows have no training column."""
     nets = {name: build(name, device) for name in names}
     for net in nets.values():
         time_forward(net, torch.rand(1, 3, 16, 16, device=device))  # warm-up
     rows = []
-    for size in sizes:
+    for size in sorted(set(sizes) | set(train_sizes)):
+        train = bench_training(nets, size, train_batch, repeats, device) if size in train_sizes else {}
+        if size not in sizes:  # a training-only size
+            rows += [dict(model=name, device=device.type, size=size, latency=None, train=train[name],
+                          train_batch=train_batch) for name in nets]
+            continue
         x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size)).to(device)
         stats: Dict[str, dict] = {}
         for name, net in nets.items():
@@ -214,7 +268,8 @@ def bench_device(names: Sequence[str], sizes: Sequence[int], repeats: int, devic
             rows.append(dict(model=name, device=device.type, size=size, latency=latency, ips=1.0 / latency,
                              cpu=statistics.median(s['cpu_times']),
                              params=sum(p.numel() for p in net.parameters()), flops=s['flops'],
-                             scan_flops=s['scan_flops'], peak=s['peak'], scan_share=s['scan_share']))
+                             scan_flops=s['scan_flops'], peak=s['peak'], scan_share=s['scan_share'],
+                             train=train.get(name), train_batch=train_batch))
             print(f'  measured {name:<13} {device.type} {size}x{size}: {latency * 1e3:.0f} ms', file=sys.stderr)
         print(format_rows(rows), file=sys.stderr)  # partial results, in case a long run is cut short
     return rows
@@ -226,20 +281,25 @@ def _mib(value: Optional[int]) -> str:
 
 def format_rows(rows: List[dict]) -> str:
     lines = ['| model | device | LR size | params (M) | GFLOPs | scan GFLOPs | latency (ms) | images/s | '
-             'CPU time (s) | peak mem (MiB) | scan share of time |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
+             'CPU time (s) | peak mem (MiB) | scan share of time | train step (s) | train step CPU (s) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
+        train = ('- | -' if r['train'] is None else f"{r['train'][0]:.2f} | {r['train'][1]:.2f}")
+        if r['latency'] is None:  # training only
+            lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | - | - | - | - | - | - | - | - | "
+                         f"{train} |")
+            continue
         share = '-' if r['scan_share'] is None else f"{100 * r['scan_share']:.0f}%"
         lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | {r['params'] / 1e6:.2f} | "
                      f"{r['flops'] / 1e9:.1f} | {r['scan_flops'] / 1e9:.1f} | {r['latency'] * 1e3:.0f} | "
-                     f"{r['ips']:.3g} | {r['cpu']:.1f} | {_mib(r['peak'])} | {share} |")
+                     f"{r['ips']:.3g} | {r['cpu']:.1f} | {_mib(r['peak'])} | {share} | {train} |")
     return '\n'.join(lines)
 
 
 def format_ratios(rows: List[dict]) -> str:
     lines = [f'| model / {BASELINE} | device | LR size | latency ratio | CPU time ratio | FLOPs ratio | '
-             'peak memory ratio |',
-             '|---|---|---|---|---|---|---|']
+             'peak memory ratio | train step ratio | train step CPU ratio |',
+             '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         if r['model'] == BASELINE:
             continue
@@ -247,10 +307,16 @@ def format_ratios(rows: List[dict]) -> str:
                      and b['size'] == r['size']), None)
         if base is None:
             continue
+        train = '- | -'
+        if r['train'] is not None and base['train'] is not None:
+            train = f"{r['train'][0] / base['train'][0]:.2f} | {r['train'][1] / base['train'][1]:.2f}"
+        if r['latency'] is None:
+            lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | - | - | - | - | {train} |")
+            continue
         mem = ('n/a' if not (r['peak'] and base['peak']) else f"{r['peak'] / base['peak']:.2f}")
         lines.append(f"| {r['model']} | {r['device']} | {r['size']}x{r['size']} | "
                      f"{r['latency'] / base['latency']:.2f} | {r['cpu'] / base['cpu']:.2f} | "
-                     f"{r['flops'] / base['flops']:.2f} | {mem} |")
+                     f"{r['flops'] / base['flops']:.2f} | {mem} | {train} |")
     return '\n'.join(lines)
 
 
@@ -263,7 +329,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--devices', nargs='+', choices=('cpu', 'cuda'),
                         help='default: cpu, plus cuda when available')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
+    parser.add_argument('--train-sizes', type=int, nargs='*',
+                        help='LR sizes of the training-step column (default 64; --quick: 32; none: no training)')
+    parser.add_argument('--train-batch', type=int, default=1, help='batch of the training step (default 1)')
     args = parser.parse_args(argv)
+    if args.train_batch < 1:
+        parser.error(f'--train-batch must be >= 1, got {args.train_batch}')
+    train_sizes = args.train_sizes if args.train_sizes is not None else ([32] if args.quick else [64])
     sizes = args.sizes or ([32] if args.quick else [64, 128])
     repeats = args.repeats or (2 if args.quick else 3)
     devices = args.devices or (['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])
@@ -274,18 +346,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, os.cpu_count() {os.cpu_count()}, '
           f'load average {os.getloadavg()[0]:.1f}; x4, batch 1, float32, eval mode; '
-          f'median of {repeats} forwards')
+          f'median of {repeats} forwards; training steps at LR {train_sizes or "-"}, batch {args.train_batch}')
     rows = []
     for name in devices:
         device = torch.device(name)
         backend, why = ops.resolve_backend(device)
         extra = f', {torch.cuda.get_device_name(device)}' if device.type == 'cuda' else ''
         print(f'{name}{extra}: selective-scan backend {backend} ({why})')
-        rows += bench_device(args.models, sizes, repeats, device)
+        rows += bench_device(args.models, sizes, repeats, device, train_sizes, args.train_batch)
     print()
     print(format_rows(rows))
     print()
     print(format_ratios(rows))
+    print(f'load average at the end {os.getloadavg()[0]:.1f}')
     return 0
 
 

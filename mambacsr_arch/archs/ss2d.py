@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .. import dis, ops
 from .layers import channels_last_weight_
@@ -75,6 +76,126 @@ def _dt_projection(dt_rank: int, d_inner: int, dt_scale: float, dt_init: str, dt
     dt = dt.clamp(min=dt_init_floor)
     bias = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
     return weight, bias
+
+
+# ---------------------------------------------------------------------- hand-written backward passes
+# Autograd through SS2D's fast paths was about a quarter of a training step outside the scan kernel:
+# every strided in-place copy into a buffer zero-fills and clones the whole buffer in backward, a flip
+# costs a copy each way, and the channel statistics taken by (1, D) matrix products come back as
+# outer products. The functions below are the same computations with their backward written out
+# (each checked against ``SS2D.forward_reference`` in tests/test_ss2d_reference.py).
+
+
+class _Reorder(torch.autograd.Function):
+    """``forward_fn(*tensors)``, a pure reordering of tokens; its backward is ``backward_fn(grad)``, the
+    inverse reordering (one tuple entry per tensor, None for those that need no gradient)."""
+
+    @staticmethod
+    def forward(ctx, forward_fn, backward_fn, *tensors):
+        ctx.backward_fn = backward_fn
+        return forward_fn(*tensors)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return (None, None) + tuple(ctx.backward_fn(grad))
+
+
+def _pooled_token_norm(ys: torch.Tensor, mask: Optional[torch.Tensor], count: int, eps: float,
+                       scratch: Optional[torch.Tensor] = None):
+    """(B, K, D, L) -> pooled (B, K, D) = sum_l w_l * (y_l - mu_l), w_l = rstd_l * mask_l / count: the mean
+    over the map's tokens of the un-affined LayerNorm of each token's D channels. Also returns mu, rstd
+    and w (B, K, 1, L). ``scratch``: a dead buffer shaped like ``ys`` to hold ``ys ** 2``."""
+    d = ys.shape[2]
+    # channel statistics per token by matrix products (a reduction over the middle dim is slow)
+    avg = ys.new_full((1, d), 1.0 / d)
+    mu = torch.matmul(avg, ys)  # (B, K, 1, L)
+    squares = ys * ys if scratch is None else torch.mul(ys, ys, out=scratch)
+    var = (torch.matmul(avg, squares) - mu * mu).clamp_(min=0)
+    rstd = torch.rsqrt(var + eps)
+    w = rstd if mask is None else rstd * mask[:, None, :]
+    w = w / count
+    pooled = (torch.matmul(w, ys.transpose(-1, -2)) - (mu * w).sum(-1, keepdim=True)).squeeze(-2)
+    return pooled, mu, rstd, w
+
+
+class _PooledTokenNorm(torch.autograd.Function):
+    """:func:`_pooled_token_norm` with its backward by hand: LayerNorm's backward for an upstream gradient
+    g_d * mask_l / count, i.e. dy_dl = g_d w_l - y_dl b_l + c_l (one matrix-vector product, two passes)."""
+
+    @staticmethod
+    def forward(ctx, ys, mask, count, eps):
+        with torch.autocast(ys.device.type, enabled=False):  # in the dtype of ys (float32), as the backward
+            pooled, mu, rstd, w = _pooled_token_norm(ys, mask, count, eps)
+        ctx.save_for_backward(ys, mu, rstd, w)
+        return pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        ys, mu, rstd, w = ctx.saved_tensors
+        grad = grad.to(ys.dtype)
+        g_mean = grad.mean(-1, keepdim=True)[..., None]  # (B, K, 1, 1)
+        g_dot_y = torch.matmul(grad[..., None, :], ys)  # (B, K, 1, L)
+        b = w * rstd * rstd * (g_dot_y / ys.shape[2] - mu * g_mean)
+        # dy = (mu b - g_mean w) - y b + g (x) w, in two passes
+        grad_ys = torch.addcmul(mu * b - g_mean * w, ys, b, value=-1).addcmul_(grad[..., None], w)
+        return grad_ys, None, None, None
+
+
+class _ChannelNorm(torch.autograd.Function):
+    """LayerNorm over the channels of a (B, D, L) tensor without transposing it, backward by hand."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps):
+        avg = y.new_full((1, y.shape[1]), 1.0 / y.shape[1])
+        with torch.autocast(y.device.type, enabled=False):  # in the dtype of y (float32), as the backward
+            centred = y - torch.matmul(avg, y)
+            rstd = torch.rsqrt(torch.matmul(avg, centred * centred) + eps)
+        normed = centred.mul_(rstd)
+        ctx.save_for_backward(normed, rstd, weight)
+        return torch.addcmul(bias[:, None], normed, weight[:, None])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        normed, rstd, weight = ctx.saved_tensors
+        grad = grad.to(normed.dtype)
+        avg = grad.new_full((1, grad.shape[1]), 1.0 / grad.shape[1])
+        prod = grad * normed
+        grad_weight = prod.sum((0, 2))
+        grad_bias = grad.sum((0, 2))
+        mean_prod = torch.matmul(avg, prod.mul_(weight[:, None]))  # mean_d(weight * grad * normed)
+        scaled = grad * weight[:, None]
+        grad_y = scaled.sub_(torch.matmul(avg, scaled)).addcmul_(normed, mean_prod, value=-1).mul_(rstd)
+        return grad_y, grad_weight, grad_bias, None
+
+
+class _GatedMerge(torch.autograd.Function):
+    """``mixer._merge_gated(ys, gates, ...)`` with its backward by hand (``mixer._merge_gated_backward``)."""
+
+    @staticmethod
+    def forward(ctx, mixer, ys, gates, lengths, size, channels_first):
+        ctx.mixer, ctx.lengths, ctx.size, ctx.channels_first = mixer, lengths, size, channels_first
+        ctx.save_for_backward(ys, gates)
+        return mixer._merge_gated(ys, gates, lengths, size, channels_first)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        ys, gates = ctx.saved_tensors
+        grad_ys, grad_gates = ctx.mixer._merge_gated_backward(grad, ys, gates, ctx.lengths, ctx.size,
+                                                              ctx.channels_first)
+        return None, grad_ys, grad_gates, None, None, None
+
+
+def _cross_flip(seq: torch.Tensor) -> torch.Tensor:
+    """A cross-scale ``_flip`` of grouped tokens (B, D, G, 5) -> new (B, D, G, 5): the low tokens reversed
+    over the groups, the high ones over groups and inside each group (its own inverse)."""
+    out = torch.empty_like(seq)
+    out[..., :1] = seq[..., :1].flip(-2)
+    out[..., 1:] = seq[..., 1:].flip((-2, -1))
+    return out
 
 
 class SS2D(nn.Module):
@@ -198,6 +319,63 @@ class SS2D(nn.Module):
                     out.copy_(out.flip(-1))
         return xs, lengths
 
+    def _scan_directions(self, x: torch.Tensor, x_down: Optional[torch.Tensor]):
+        """:meth:`_scan_into`; with autograd, as one reordering whose backward is :meth:`_unscan`."""
+        if not torch.is_grad_enabled():
+            return self._scan_into(x, x_down)
+        lengths = []
+
+        def scan(*inputs):
+            xs, found = self._scan_into(*inputs)
+            lengths.extend(found)
+            return xs
+
+        size, down = tuple(x.shape[2:]), None if x_down is None else tuple(x_down.shape[2:])
+        xs = _Reorder.apply(scan, lambda grad: self._unscan(grad, size, down), x, x_down)
+        return xs, lengths
+
+    def _unscan(self, grad: torch.Tensor, size: Tuple[int, int], down_size: Optional[Tuple[int, int]]):
+        """Backward of :meth:`_scan_into`: (B, K, D, L) -> gradients of x (B, D, H, W) [and x_down], both
+        channels-last in memory. Each direction is merged once, summed with its flip partners first."""
+        b, _, d, _ = grad.shape
+        h, w = size
+        grad_x = grad_down = None
+        if self.cross_scale:
+            grad_x = grad.new_zeros((b, h, w, d))
+            grad_down = grad.new_zeros((b, down_size[0], down_size[1], d))
+            n = dis.cross_scale_length(size, self.parsed[0].window)
+        else:
+            n = dis.scan_length(size, self.parsed[0].window)
+        for i, p in enumerate(self.parsed):
+            if self._partner(i) is not None:
+                continue  # summed into the direction it was derived from
+            members = [i] + [j for j in range(i + 1, len(self.parsed)) if self._partner(j) == i]
+            total, owned = None, False
+            for m in sorted(members, key=lambda j: self.parsed[j].flip):  # an unflipped one first: no flip
+                g = grad[:, m, :, :n]
+                flip = self.parsed[m].flip
+                if self.cross_scale:
+                    g = g.unflatten(-1, (n // 5, 5))
+                    g = _cross_flip(g) if flip else g
+                elif flip:
+                    g = g.flip(-1)
+                if total is None:
+                    total, owned = g, flip
+                elif owned:
+                    total.add_(g)
+                else:
+                    total, owned = total + g, True
+            if self.cross_scale:
+                grad_down.add_(dis.merge_tokens(total[..., 0].transpose(1, 2), p.window // 2, down_size,
+                                                p.column_first))
+                grad_x.add_(dis.cross_scale_merge_tokens(total[..., 1:].permute(0, 2, 3, 1), p.window, size,
+                                                         p.column_first))
+            elif grad_x is None:
+                grad_x = dis.merge_tokens(total.transpose(1, 2), p.window, size, p.column_first)
+            else:
+                grad_x.add_(dis.merge_tokens(total.transpose(1, 2), p.window, size, p.column_first))
+        return grad_x.permute(0, 3, 1, 2), None if grad_down is None else grad_down.permute(0, 3, 1, 2)
+
     def _valid_mask(self, size: Tuple[int, int], down_size: Optional[Tuple[int, int]], length: int,
                     lengths: Sequence[int], device: torch.device) -> Optional[torch.Tensor]:
         """(K, L) float mask of the tokens that land on the output map (None when all of them do)."""
@@ -223,18 +401,10 @@ class SS2D(nn.Module):
         ``scratch``: a dead buffer shaped like ``ys`` to hold ``ys ** 2`` (saves a fresh allocation).
         """
         gate = self.multi_scan.attn
-        d = ys.shape[2]
-        # channel statistics per token by matrix products (a reduction over the middle dim is slow)
-        avg = ys.new_full((1, d), 1.0 / d)
-        mu = torch.matmul(avg, ys)  # (B, K, 1, L)
-        squares = ys * ys if scratch is None else torch.mul(ys, ys, out=scratch)
-        var = (torch.matmul(avg, squares) - mu * mu).clamp_(min=0)
-        weights = torch.rsqrt(var + gate.norm.eps)
-        if mask is not None:
-            weights = weights * mask[:, None, :]
-        weights = weights / count
-        # sum_l (y_l - mu_l) * weights_l
-        pooled = (torch.matmul(weights, ys.transpose(-1, -2)) - (mu * weights).sum(-1, keepdim=True)).squeeze(-2)
+        if torch.is_grad_enabled():
+            pooled = _PooledTokenNorm.apply(ys, mask, count, gate.norm.eps)
+        else:
+            pooled = _pooled_token_norm(ys, mask, count, gate.norm.eps, scratch)[0]
         pooled = pooled * gate.norm.weight + gate.norm.bias
         return gate.gate_fn(gate.channel_select(gate.act_fn(gate.global_reduce(pooled))))
 
@@ -282,18 +452,68 @@ class SS2D(nn.Module):
             out = merged if out is None else out + merged
         return out
 
+    def _merge(self, ys: torch.Tensor, gates: torch.Tensor, lengths: Sequence[int], size: Tuple[int, int],
+               channels_first: bool = False, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`_merge_gated`; with autograd, with its hand-written backward (:meth:`_merge_gated_backward`)."""
+        if torch.is_grad_enabled():
+            return _GatedMerge.apply(self, ys, gates, tuple(lengths), tuple(size), channels_first)
+        return self._merge_gated(ys, gates, lengths, size, channels_first, scratch)
+
+    def _merge_gated_backward(self, grad: torch.Tensor, ys: torch.Tensor, gates: torch.Tensor,
+                              lengths: Sequence[int], size: Tuple[int, int], channels_first: bool):
+        """Gradients (of ys, of gates) of :meth:`_merge_gated` for the gradient ``grad`` of its output.
+
+        Per merged group (a direction and its flip partners): the output gradient is scanned once into
+        the group's token order, then each member gets it times its gate (reversed for a flipped member);
+        a gate gets the sum over tokens of that gradient times the member's sequence.
+        """
+        grad_ys = ys.new_zeros(ys.shape) if self.cross_scale else ys.new_empty(ys.shape)
+        grad_gates = torch.empty_like(gates)
+        b, _, d, _ = ys.shape
+        done = set()
+        for i, p in enumerate(self.parsed):
+            if i in done:
+                continue
+            n = lengths[i]
+            group = [i] + [j for j in range(i + 1, len(self.parsed)) if self._partner(j) == i]
+            if self.cross_scale:
+                h2, w2 = -(-size[0] // 2), -(-size[1] // 2)
+                zeros = grad.new_zeros(()).expand(b, h2, w2, d)  # the low-resolution tokens get no gradient
+                tokens = dis.cross_scale_tokens(grad, zeros, p.window, p.column_first)[:, :, 1:]
+                tokens = tokens.permute(0, 3, 1, 2)  # (B, D, G, 4)
+                dims, reverse = (-2, -1), (lambda t: t.flip((-2, -1)))
+            else:
+                tokens = ys.new_empty((b, d, n))
+                grid = grad if not channels_first else grad.permute(0, 2, 3, 1)
+                dis.scan_tokens(grid, p.window, p.column_first, out=tokens.transpose(1, 2))
+                dims, reverse = (-1, ), (lambda t: t.flip(-1))
+            flipped = reverse(tokens)
+            for m in group:
+                seq_grad = flipped if self.parsed[m].flip else tokens  # in member m's token order
+                target = grad_ys[:, m, :, :n]
+                seq = ys[:, m, :, :n]
+                if self.cross_scale:
+                    target = target.unflatten(-1, (n // 5, 5))[..., 1:]
+                    seq = seq.unflatten(-1, (n // 5, 5))[..., 1:]
+                gate = gates[:, m].reshape((b, d) + (1, ) * len(dims))
+                torch.mul(seq_grad, gate, out=target)
+                grad_gates[:, m] = (seq_grad * seq).sum(dims)
+            done.update(group)
+        return grad_ys, grad_gates
+
     def _scan_and_gate(self, x: torch.Tensor, x_down: Optional[torch.Tensor]):
         """Scan all directions, run the selective scan, compute the direction gates.
 
         Returns ys (B, K, D, L), gates (B, K, D), the per-direction lengths and, without autograd, the
         dead scan-input buffer shaped like ys (else None) for reuse."""
         b, d, h, w = x.shape
-        xs, lengths = self._scan_into(x, x_down)
+        xs, lengths = self._scan_directions(x, x_down)
         k, length = xs.shape[1], xs.shape[-1]
         r, n = self.dt_rank, self.d_state
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
-        dts = torch.matmul(self.dt_projs_weight, x_dbl[:, :, :r])  # (B, K, D, L)
-        bs, cs = x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]  # (B, K, N, L) views: the kernel transposes them
+        # one split (its backward is one concatenation; three slices would each zero-fill a full gradient)
+        dt_in, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)  # bs, cs (B, K, N, L) views: the kernel transposes them
+        dts = torch.matmul(self.dt_projs_weight, dt_in)  # (B, K, D, L)
         ys = ops.selective_scan(
             xs.reshape(b, k * d, length).float(),
             dts.reshape(b, k * d, length).float(),
@@ -318,16 +538,14 @@ class SS2D(nn.Module):
         ``x_down`` (B, D, h, w) is required (and only used) for the cross-scale mixer.
         """
         ys, gates, lengths, _ = self._scan_and_gate(x, x_down)
-        return self.out_norm(self._merge_gated(ys, gates, lengths, tuple(x.shape[2:])))
+        return self.out_norm(self._merge(ys, gates, lengths, tuple(x.shape[2:])))
 
     def _layer_norm_channels_first(self, y: torch.Tensor) -> torch.Tensor:
         """``out_norm`` over the channels of a (B, D, L) tensor, without transposing it."""
         norm = self.out_norm
         avg = y.new_full((1, y.shape[1]), 1.0 / y.shape[1])
         if torch.is_grad_enabled():
-            centred = y - torch.matmul(avg, y)
-            rstd = torch.rsqrt(torch.matmul(avg, centred * centred) + norm.eps)
-            return torch.addcmul(norm.bias[:, None], centred * rstd, norm.weight[:, None])
+            return _ChannelNorm.apply(y, norm.weight, norm.bias, norm.eps)
         # inference: in place, no fresh (B, D, L) buffers besides one for the squares
         centred = y.sub_(torch.matmul(avg, y))
         rstd = torch.rsqrt(torch.matmul(avg, centred * centred) + norm.eps)
@@ -352,7 +570,7 @@ class SS2D(nn.Module):
             z = z + bias[d:, None]
         z = self.act(z)
         ys, gates, lengths, scratch = self._scan_and_gate(xs, None)
-        y = self._merge_gated(ys, gates, lengths, (h, w), channels_first=True, scratch=scratch)
+        y = self._merge(ys, gates, lengths, (h, w), channels_first=True, scratch=scratch)
         y = y.reshape(b, d, h * w)
         y = self._layer_norm_channels_first(y).to(z.dtype)
         y = y * z if torch.is_grad_enabled() else y.mul_(z)
