@@ -28,7 +28,7 @@ TOP_KEYS = {'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets',
 TRAIN_KEYS = {'ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt',
               'use_amp'}
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'tile', 'max_pixels', 'pad_multiple',
-            'official_protocol', 'use_amp', 'log_baseline'}
+            'official_protocol', 'use_amp', 'log_baseline', 'save_comparisons', 'plot_metrics'}
 LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'}
 PATH_KEYS = {'pretrain_network_g', 'strict_load_g', 'resume_state', 'param_key_g', 'experiments_root',
              'results_root'}
