@@ -15,8 +15,9 @@ The network is ``network_g`` of ``--opt``, else detected from the weights
 ONNX: traced with torch's ``torch.export``-based exporter (needs the ``[export]`` extra: onnx,
 onnxscript, onnxruntime) for a (1, in_chans, H, W) input, H x W = ``--size``. MambaCSR's
 selective scan is exported as plain ONNX operators: the pure-PyTorch ``torch`` backend, in its
-``parallel`` strategy (chunks of 128 steps, each a log2(128)-level Hillis-Steele scan, so the graph
-grows with H*W/128, not with H*W). The exported model is then run with onnxruntime (CPU) on a
+``parallel`` strategy (chunks of 1024 steps, each a 10-level Hillis-Steele scan, so the graph
+grows with H*W/1024, not with H*W; each chunk holds its 1024 states, i.e. 1024 x 4 x embed_dim x
+d_state floats per direction pair). The exported model is then run with onnxruntime (CPU) on a
 random input and compared with PyTorch: the command prints the max abs difference and fails
 (exit 1, nothing written) above ``--tolerance`` (default 1e-3). The ``.onnx`` is written atomically
 and self-contained (no external-data file; models under 2 GB).
@@ -44,6 +45,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 EXIT_OK, EXIT_MISMATCH, EXIT_CONFIG = 0, 1, 2
 DEFAULT_OPSET = 18
 DEFAULT_TOLERANCE = 1e-3
+#: Scan steps per chunk in the exported graph: ops grow with H*W / EXPORT_CHUNK (export time), memory of
+#: the exported scan with EXPORT_CHUNK (each chunk holds its (steps, batch, channels, d_state) states).
+EXPORT_CHUNK = 1024
 
 
 class ExportConfigError(Exception):
@@ -128,21 +132,22 @@ def exportable_scan(net: Any) -> Iterator[None]:
     """Route MambaCSR's selective scan through plain tensor ops while exporting (restored afterwards).
 
     The numba / CUDA kernels are opaque to the exporter; the ``torch`` backend's ``parallel``
-    strategy is a fixed number of ops per 128-step chunk (its ``loop`` strategy would unroll one
-    op per token).
+    strategy is a fixed number of ops per chunk of :data:`EXPORT_CHUNK` steps (its ``loop``
+    strategy would unroll one op per token).
     """
     from mambacsr_arch.ops import torch_scan
 
     mixers = [m for m in net.modules() if hasattr(m, 'scan_backend')]
     before = [m.scan_backend for m in mixers]
-    strategy = torch_scan.DEFAULT_STRATEGY
+    strategy, chunk = torch_scan.DEFAULT_STRATEGY, torch_scan.CHUNK['parallel']
     try:
         for mixer in mixers:
             mixer.scan_backend = 'torch'
         torch_scan.DEFAULT_STRATEGY = 'parallel'
+        torch_scan.CHUNK['parallel'] = EXPORT_CHUNK
         yield
     finally:
-        torch_scan.DEFAULT_STRATEGY = strategy
+        torch_scan.DEFAULT_STRATEGY, torch_scan.CHUNK['parallel'] = strategy, chunk
         for mixer, backend in zip(mixers, before):
             mixer.scan_backend = backend
 
