@@ -127,9 +127,9 @@ def test_resume_after_a_killed_run(gt_dir, tmp_path, monkeypatch):
         prepare_csr(config(gt_dir, out, crop=32, step=32))
     monkeypatch.setattr(prepare_module.os, 'replace', real_replace)
     partial = snapshot(out)
-    leftovers = [p for p in partial if osp.basename(p).startswith('.')]
-    assert leftovers  # the interrupted temporary is still there ...
-    for path, data in partial.items():  # ... but every visible PNG is complete and correct
+    assert not [p for p in partial if osp.basename(p).startswith('.')]  # an interrupted write removes its temporary
+    (out / 'GT' / f'.{NAMES[0]}.png.999999.tmp').write_bytes(b'partial')  # ... a kill -9 would leave one behind
+    for path, data in partial.items():  # every visible PNG is complete and correct
         if not osp.basename(path).startswith('.'):
             assert data == expected[path], path
     assert not (out / 'GT' / f'{NAMES[0]}.png').exists()  # first image not marked done

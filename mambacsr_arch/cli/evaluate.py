@@ -229,7 +229,7 @@ def check_destination(path: str, flag: str, protected_dirs: Sequence[str] = ()) 
 
 
 def _write_text(path: str, text: str) -> None:
-    from mambacsr_arch.cli.infer import write_bytes_atomic
+    from mambacsr_arch.fileio import write_bytes_atomic
 
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     write_bytes_atomic(path, text.encode('utf-8'))

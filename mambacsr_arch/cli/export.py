@@ -228,7 +228,9 @@ def _check_output(args: argparse.Namespace) -> str:
 
 
 def _temporary(path: str) -> str:
-    return osp.join(osp.dirname(osp.abspath(path)), f'.{osp.basename(path)}.tmp{os.getpid()}')
+    from mambacsr_arch.fileio import temp_path_for
+
+    return temp_path_for(path)  # written, checked with onnxruntime, then renamed over the output
 
 
 def _prepare(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any], str]:

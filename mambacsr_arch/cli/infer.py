@@ -61,6 +61,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from mambacsr_arch.fileio import write_bytes_atomic
+
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_CONFIG = 0, 1, 2
 OUTPUT_EXTENSIONS = ('png', 'jpg', 'jpeg', 'bmp', 'tif', 'tiff', 'webp')
 
@@ -425,19 +427,6 @@ def plan_outputs(inputs: Sequence[str], out_dir: str, suffix: str, ext: str,
         shown = conflicts[:20] + ([f'... and {len(conflicts) - 20} more'] if len(conflicts) > 20 else [])
         raise InferConfigError(f'{len(conflicts)} output conflict(s), nothing written:\n  ' + '\n  '.join(shown))
     return OutputPlan(out_dir, pairs, previous, manifest)
-
-
-def write_bytes_atomic(path: str, data: Any) -> None:
-    """Write ``data`` (bytes-like) to a hidden temporary file beside ``path``, then rename it over ``path``."""
-    tmp = osp.join(osp.dirname(path), f'.{osp.basename(path)}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.lexists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_image_atomic(img, path: str) -> str:

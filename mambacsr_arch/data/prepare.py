@@ -66,6 +66,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from ..fileio import write_bytes_atomic
 from .degradations import DOWNSAMPLE_METHODS, check_quality, degrade_csr, mod_crop
 from .image_io import ImageFolderError, ImageReadError, decode_image_bgr8, list_image_files
 
@@ -149,11 +150,7 @@ def _write_png(path: str, img: np.ndarray) -> None:
     ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
         raise OSError(f'cv2.imencode could not encode {path} as PNG')
-    folder, name = osp.split(path)
-    tmp = osp.join(folder, f'.{name}.{os.getpid()}.tmp')
-    with open(tmp, 'wb') as f:
-        f.write(buf.tobytes())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.tobytes())
 
 
 def _write_with_subs(img: np.ndarray, folder: str, stem: str, grid: List[Tuple[int, int]], size: int,
@@ -584,8 +581,5 @@ def _write_manifest(cfg: PrepareConfig, qualities: Sequence[int], result: Prepar
         'last_run': {k: v for k, v in asdict(cfg).items() if k not in ('progress',)},
     }
     path = osp.join(cfg.out_dir, 'manifest.json')
-    tmp = osp.join(cfg.out_dir, '.manifest.json.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(manifest, f, indent=2, default=list)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(manifest, indent=2, default=list).encode('utf-8'))
     return path

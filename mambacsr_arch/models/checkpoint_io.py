@@ -1,9 +1,9 @@
 """Crash-safe checkpoint files and the RNG state kept in training states.
 
-:func:`atomic_torch_save` writes to a hidden temporary file in the target's directory
-(``.<name>.<pid>.tmp``: never ``*.state``/``*.pth``, so neither BasicSR's ``--auto_resume`` scan
-nor ours ever picks it), flushes and fsyncs it, then ``os.replace``-s it over the target and
-fsyncs the directory. A process killed at any point leaves either the old file or the complete
+:func:`atomic_torch_save` writes through :func:`mambacsr_arch.fileio.atomic_path` (durable): a
+hidden temporary file in the target's directory (``.<name>.<pid>.tmp``: never ``*.state``/``*.pth``,
+so neither BasicSR's ``--auto_resume`` scan nor ours ever picks it), fsynced, then ``os.replace``-d
+over the target, and the directory fsynced. A process killed at any point leaves either the old file or the complete
 new one, never a truncated target. A failed write is retried (``SAVE_RETRIES`` attempts, 1 s
 apart), then raised as one OSError naming the file (BasicSR 1.4.2 logs and carries on without
 the checkpoint; we do not hide that). torch reports a failed write, e.g. a full disk, as a
@@ -32,43 +32,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..fileio import atomic_path, temp_path_for  # noqa: F401  (temp_path_for: the pattern cleaned below)
+
 logger = logging.getLogger('basicsr')
 SAVE_RETRIES = 3
 
 
-def _fsync_dir(directory: str) -> None:
-    """fsync a directory so a rename in it survives power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename itself is still atomic
-    finally:
-        os.close(fd)
-
-
-def temp_path_for(path: str) -> str:
-    """The temporary file name used while writing ``path``."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f'.{name}.{os.getpid()}.tmp')
-
-
 def _write_once(obj: Any, path: str) -> None:
-    tmp = temp_path_for(path)
-    try:
+    with atomic_path(path, durable=True) as tmp:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 # torch.save turns an OSError raised by the file's write() into one of these RuntimeErrors

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..archs.state_dict_report import foreign_checkpoint, format_mismatch, preview
+from ..fileio import atomic_path
 
 logger = logging.getLogger('basicsr')
 NO_KEY = (None, '', 'none', 'None', '~')
@@ -97,13 +98,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Union[str, os
     if not _is_state_dict(state_dict):
         raise ValueError(f"'{path}': only a non-empty dict of tensors can be saved as safetensors.")
     tensors = {key: value.detach().to('cpu').contiguous().clone() for key, value in state_dict.items()}
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
+    with atomic_path(path) as tmp:
         _safetensors().save_file(tensors, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor], source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
