@@ -187,6 +187,31 @@ def test_model_save_crash_leaves_previous_checkpoint_loadable(tmp_path, monkeypa
                  param_key='params_ema')
 
 
+def test_save_safetensors_writes_the_deployable_weights_next_to_each_pth(tmp_path):
+    import json
+
+    from mambacsr_arch.models.weights import read_checkpoint
+
+    opt = make_opt(tmp_path)
+    opt['logger'] = {'save_safetensors': True}
+    model = build_model(opt)
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    model.save(0, 1)
+    assert sorted(os.listdir(tmp_path / 'models')) == ['net_g_1.pth', 'net_g_1.safetensors']
+    pth = torch.load(tmp_path / 'models' / 'net_g_1.pth', weights_only=True)
+    st = read_checkpoint(str(tmp_path / 'models' / 'net_g_1.safetensors'))
+    assert st.keys() == pth['params_ema'].keys()
+    for key, value in pth['params_ema'].items():  # the EMA weights (ema_decay 0.5 in make_opt), not params
+        assert torch.equal(st[key], value), key
+    assert any(not torch.equal(pth['params'][k], pth['params_ema'][k]) for k in pth['params'])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / 'models' / 'net_g_1.safetensors'), 'pt') as f:
+        meta = f.metadata()
+    assert meta['param_key'] == 'params_ema' and json.loads(meta['network_g'])['type'] == 'MSRResNet'
+
+
 def test_rng_state_round_trip():
     random.seed(1)
     np.random.seed(2)

@@ -29,7 +29,7 @@ TRAIN_KEYS = {'ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 
               'use_amp'}
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'tile', 'max_pixels', 'pad_multiple',
             'official_protocol', 'use_amp', 'log_baseline', 'save_comparisons', 'plot_metrics'}
-LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'}
+LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'save_safetensors'}
 PATH_KEYS = {'pretrain_network_g', 'strict_load_g', 'resume_state', 'param_key_g', 'experiments_root',
              'results_root'}
 PAIRED_KEYS = {'name', 'type', 'dataroot_gt', 'dataroot_lq', 'filename_tmpl', 'io_backend', 'meta_info_file',

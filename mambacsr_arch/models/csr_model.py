@@ -28,6 +28,9 @@ Option keys read here (BasicSR YAML)::
       # inference settings (tile, max_pixels, pad_multiple, official_protocol, use_amp) and the official
       # files' top-level tile / padding_size: resolved by mambacsr_arch.models.inference.resolve_inference_settings
       # (the same resolver `basicsr infer` uses; its module doc lists the keys)
+    logger:
+      save_safetensors: false         # also write models/net_g_<iter>.safetensors next to each .pth: the EMA
+                                      # weights if any (else params), bare keys, network_g in its metadata
 
 Resume guarantee (CPU, ``num_worker_per_gpu: 0``, same seed): a run resumed from the state saved
 at iteration N reaches the same weights as an uninterrupted run when N is the end of an epoch
@@ -54,6 +57,7 @@ exact command to resume from it at a lower rate.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os.path as osp
 from collections import OrderedDict
@@ -74,7 +78,7 @@ from .distributed import get_bare_model
 from .distributed import model_to_device as _model_to_device
 from .inference import AMP_DTYPES, parse_amp, resolve_inference_settings, restore_image
 from .recovery import apply_option_hyperparameters, non_finite_advice, option_hyperparameters
-from .weights import load_weights
+from .weights import load_weights, save_safetensors
 
 __all__ = ['AMP_DTYPES', 'CSRModel', 'HATModel', 'MambaCSRModel', 'parse_amp']  # AMP names: from .inference
 _SEED_MIX = 1_000_003
@@ -265,6 +269,12 @@ class CSRModel(SRModel):
             save_dict[key] = OrderedDict((name, tensor.detach().cpu())
                                          for name, tensor in get_bare_model(net_).state_dict().items())
         atomic_torch_save(save_dict, f"{self.opt['path']['models']}/{net_label}_{label}.pth")
+        if (self.opt.get('logger') or {}).get('save_safetensors'):
+            # a deployable copy: the EMA weights when there are any (what released checkpoints ship), bare keys
+            key = 'params_ema' if 'params_ema' in save_dict else keys[0]
+            network = self.opt.get(f'network_{net_label[4:]}' if net_label.startswith('net_') else 'network_g')
+            save_safetensors(save_dict[key], f"{self.opt['path']['models']}/{net_label}_{label}.safetensors",
+                             metadata={'param_key': str(key), 'network_g': json.dumps(network or {})})
 
     def save(self, epoch: int, current_iter: int) -> None:
         # Every rank enters save(); only rank 0 writes. Gather each rank's RNG state first so a
