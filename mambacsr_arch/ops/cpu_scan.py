@@ -1,4 +1,7 @@
-"""``cpu`` backend: exact fused numba kernel (see :mod:`._cpu_kernels`) behind a custom autograd Function.
+"""``cpu`` backend: exact fused numba kernel (see :mod:`._cpu_kernels`) behind two torch.library custom
+operators, ``mambacsr::cpu_scan_fwd`` and ``mambacsr::cpu_scan_bwd`` (the autograd formula of the first),
+so ``torch.compile`` keeps the scan in its graph as one opaque node (no graph break) and compiled training
+runs the same kernels.
 
 Saved for backward: u, delta, z (batch*dim, L), the transposed B, C (batch*groups, L, N) and one state
 per chunk of ``CHUNK`` steps (batch*dim, L / CHUNK, N) -- never the (batch, dim, L, N) states.
@@ -16,7 +19,7 @@ from types import ModuleType
 from typing import Any, Callable, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
 
 CHUNK = 64  # steps between state checkpoints (backward recomputes one chunk at a time)
 BACKWARD_TASKS = 16  # backward: channel blocks with their own dB/dC partial sums; fixed, not per thread,
@@ -93,89 +96,125 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """Detached, C-contiguous float32 (no copy when already so)."""
-    return x.detach().to(torch.float32).contiguous()
+def _np(x: torch.Tensor) -> Any:
+    """numpy view of a float32 tensor for the kernels (C-contiguous; no copy when already so)."""
+    if x.dtype != torch.float32:
+        raise TypeError(f'cpu selective-scan kernels take float32 tensors, got {x.dtype} (call '
+                        'mambacsr_arch.ops.selective_scan, which converts)')
+    return x.detach().contiguous().numpy()
 
 
-def _pad_states(x: torch.Tensor, padded: int) -> torch.Tensor:
-    """Float32, C-contiguous, last dim zero-padded to ``padded``."""
-    if x.shape[-1] == padded:
-        return _f32(x)
-    out = torch.zeros(x.shape[:-1] + (padded,), dtype=torch.float32)
-    out[..., :x.shape[-1]] = x.detach()
-    return out
+def _optional(x: Optional[torch.Tensor], shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """x, or zeros of ``shape`` standing for an absent D / z / delta_bias (the kernels ignore them)."""
+    return like.new_zeros(shape) if x is None else x
 
 
-def _rows(x: torch.Tensor, rows: int, length: int) -> torch.Tensor:
-    return _f32(x).view(rows, length)
+# The two halves of the scan are torch.library custom operators: torch.compile (Dynamo, AOTAutograd,
+# Inductor) treats each as one opaque node with the shapes of its fake implementation, so a compiled
+# model keeps the numba kernels and has no graph break in the scan; autograd goes through
+# ``_scan_fwd_backward`` (registered below), so compiled training works too. Their arguments are the
+# kernels' layout (float32, rows = batch * dim, states padded to a multiple of ``W``); :func:`scan`
+# builds it from selective_scan's tensors with ordinary, differentiable torch ops.
+@torch.library.custom_op('mambacsr::cpu_scan_fwd', mutates_args=(), device_types='cpu')
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, Ct: torch.Tensor,
+              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+              softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u, delta, z (rows, L); A (dim, NP); Bt, Ct (batch * groups, L, NP); D, delta_bias (dim,).
+    Returns out (rows, L), the last state (rows, NP) and the chunk checkpoints (rows, ceil(L / CHUNK), NP)."""
+    kernels = _kernels()
+    rows, length = u.shape
+    dim, padded = A.shape
+    batch = rows // dim
+    groups = Bt.shape[0] // batch
+    out = u.new_empty((rows, length))
+    last = u.new_empty((rows, padded))
+    ckpt = u.new_empty((rows, _chunks(length), padded))
+    row_blocks = batch * groups * math.ceil(dim // groups / kernels.R)  # see _cpu_kernels.block_rows
+    _run(kernels.scan_forward, row_blocks, _np(u), _np(delta), _np(A), _np(Bt), _np(Ct),
+         _np(_optional(D, (dim,), u)), _np(_optional(z, (1, 1), u)), _np(_optional(delta_bias, (dim,), u)),
+         bool(softplus), z is not None, dim, groups, CHUNK, out.numpy(), last.numpy(), ckpt.numpy())
+    return out, last, ckpt
 
 
-class _CpuScan(torch.autograd.Function):
+def _chunks(length: Any) -> Any:
+    """Number of state checkpoints for ``length`` >= 1 steps (works on symbolic sizes too)."""
+    return (length + CHUNK - 1) // CHUNK
 
-    @staticmethod
-    def forward(ctx: Any, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
-                delta_bias: Optional[torch.Tensor], softplus: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        kernels = _kernels()
-        batch, dim, length = u.shape
-        groups, n_state = B.shape[1], A.shape[1]
-        padded = -(-n_state // kernels.W) * kernels.W
-        rows = batch * dim
-        u2, delta2 = _rows(u, rows, length), _rows(delta, rows, length)
-        z2 = _rows(z, rows, length) if z is not None else u2.new_zeros((1, 1))
-        D1 = _f32(D) if D is not None else u2.new_zeros(dim)
-        bias1 = _f32(delta_bias) if delta_bias is not None else u2.new_zeros(dim)
-        Ap = _pad_states(A, padded)
-        Bt = _pad_states(B.transpose(2, 3).reshape(batch * groups, length, n_state), padded)
-        Ct = _pad_states(C.transpose(2, 3).reshape(batch * groups, length, n_state), padded)
-        out = u2.new_empty((rows, length))
-        last = u2.new_empty((rows, padded))
-        ckpt = u2.new_empty((rows, max(1, math.ceil(length / CHUNK)), padded))
-        row_blocks = batch * groups * math.ceil(dim // groups / kernels.R)  # see _cpu_kernels.block_rows
-        _run(kernels.scan_forward, row_blocks, u2.numpy(), delta2.numpy(), Ap.numpy(), Bt.numpy(), Ct.numpy(),
-             D1.numpy(), z2.numpy(), bias1.numpy(), bool(softplus), z is not None, dim, groups, CHUNK,
-             out.numpy(), last.numpy(), ckpt.numpy())
-        ctx.save_for_backward(u2, delta2, z2, Ap, Bt, Ct, D1, bias1, ckpt)
-        ctx.meta = (batch, dim, length, groups, n_state, bool(softplus), z is not None)
-        return out.view(batch, dim, length), last[:, :n_state].reshape(batch, dim, n_state)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dout: torch.Tensor, dlast: torch.Tensor):
-        kernels = _kernels()
-        u2, delta2, z2, Ap, Bt, Ct, D1, bias1, ckpt = ctx.saved_tensors
-        batch, dim, length, groups, n_state, softplus, has_z = ctx.meta
-        rows, padded = u2.shape[0], Ap.shape[1]
-        per_group = dim // groups
-        blocks = max(1, min(per_group, math.ceil(BACKWARD_TASKS / (batch * groups))))
-        dout2 = _rows(dout, rows, length)
-        dlast2 = _pad_states(dlast.reshape(rows, n_state), padded)
-        du = u2.new_empty((rows, length))
-        ddelta = u2.new_empty((rows, length))
-        dz = u2.new_empty((rows, length)) if has_z else u2.new_zeros((1, 1))
-        dA_rows = u2.new_empty((rows, padded))
-        dD_rows = u2.new_empty(rows)
-        dbias_rows = u2.new_empty(rows)
-        dB_part = u2.new_empty((batch * groups * blocks, length, padded))
-        dC_part = u2.new_empty((batch * groups * blocks, length, padded))
-        _run(kernels.scan_backward, batch * groups * blocks, u2.numpy(), delta2.numpy(), Ap.numpy(),
-             Bt.numpy(), Ct.numpy(), D1.numpy(), z2.numpy(), bias1.numpy(), softplus, has_z, dim, groups,
-             CHUNK, ckpt.numpy(), dout2.numpy(), dlast2.numpy(), blocks, du.numpy(), ddelta.numpy(),
-             dz.numpy(), dA_rows.numpy(), dD_rows.numpy(), dbias_rows.numpy(), dB_part.numpy(),
-             dC_part.numpy())
-        need = ctx.needs_input_grad
-        shape = (batch, dim, length)
-        dA = dA_rows.view(batch, dim, padded).sum(0)[:, :n_state]
-        dB = dC = None
-        if need[3]:
-            dB = dB_part.view(batch, groups, blocks, length, padded).sum(2)[..., :n_state].transpose(2, 3)
-        if need[4]:
-            dC = dC_part.view(batch, groups, blocks, length, padded).sum(2)[..., :n_state].transpose(2, 3)
-        dD = dD_rows.view(batch, dim).sum(0) if need[5] else None
-        dz_out = dz.view(shape) if (has_z and need[6]) else None
-        dbias = dbias_rows.view(batch, dim).sum(0) if need[7] else None
-        return du.view(shape), ddelta.view(shape), dA, dB, dC, dD, dz_out, dbias, None
+@_scan_fwd.register_fake
+def _scan_fwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus):
+    rows, length = u.shape
+    padded = A.shape[1]
+    return u.new_empty((rows, length)), u.new_empty((rows, padded)), u.new_empty((rows, _chunks(length), padded))
+
+
+@torch.library.custom_op('mambacsr::cpu_scan_bwd', mutates_args=(), device_types='cpu')
+def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, Ct: torch.Tensor,
+              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+              softplus: bool, ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_scan_fwd` given those of out and last: du, ddelta, dA, dBt, dCt, dD, dz
+    (empty (0,) without z), ddelta_bias, each shaped like its input."""
+    kernels = _kernels()
+    rows, length = u.shape
+    dim, padded = A.shape
+    batch = rows // dim
+    groups = Bt.shape[0] // batch
+    has_z = z is not None
+    blocks = max(1, min(dim // groups, math.ceil(BACKWARD_TASKS / (batch * groups))))
+    du = u.new_empty((rows, length))
+    ddelta = u.new_empty((rows, length))
+    dz = u.new_empty((rows, length)) if has_z else u.new_zeros((1, 1))
+    dA_rows = u.new_empty((rows, padded))
+    dD_rows = u.new_empty(rows)
+    dbias_rows = u.new_empty(rows)
+    dB_part = u.new_empty((batch * groups * blocks, length, padded))
+    dC_part = u.new_empty((batch * groups * blocks, length, padded))
+    _run(kernels.scan_backward, batch * groups * blocks, _np(u), _np(delta), _np(A), _np(Bt), _np(Ct),
+         _np(_optional(D, (dim,), u)), _np(_optional(z, (1, 1), u)), _np(_optional(delta_bias, (dim,), u)),
+         bool(softplus), has_z, dim, groups, CHUNK, _np(ckpt), _np(dout), _np(dlast), blocks, du.numpy(),
+         ddelta.numpy(), dz.numpy(), dA_rows.numpy(), dD_rows.numpy(), dbias_rows.numpy(), dB_part.numpy(),
+         dC_part.numpy())
+    parts = (batch * groups, blocks, length, padded)
+    return (du, ddelta, dA_rows.view(batch, dim, padded).sum(0), dB_part.view(parts).sum(1),
+            dC_part.view(parts).sum(1), dD_rows.view(batch, dim).sum(0), dz if has_z else u.new_empty(0),
+            dbias_rows.view(batch, dim).sum(0))
+
+
+@_scan_bwd.register_fake
+def _scan_bwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, ckpt, dout, dlast):
+    dim = A.shape[0]
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(Bt),
+            torch.empty_like(Ct), u.new_empty(dim), torch.empty_like(u) if z is not None else u.new_empty(0),
+            u.new_empty(dim))
+
+
+def _scan_fwd_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
+    u, delta, A, Bt, Ct, D, z, delta_bias, softplus = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, output[2])
+    ctx.softplus = softplus
+
+
+def _scan_fwd_backward(ctx: Any, dout: torch.Tensor, dlast: torch.Tensor, _dckpt: Any):
+    # not differentiable twice: _scan_bwd has no autograd formula (double backward raises)
+    u, delta, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(u, delta, A, Bt, Ct, D, z, delta_bias, ctx.softplus, ckpt,
+                                                       dout, dlast)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None, None)
+
+
+_scan_fwd.register_autograd(_scan_fwd_backward, setup_context=_scan_fwd_setup)
+
+
+def _kernel_layout(x: torch.Tensor, padded: int) -> torch.Tensor:
+    """float32, C-contiguous, last dim zero-padded to ``padded`` (differentiable; no copy when already so)."""
+    x = x.float()
+    if x.shape[-1] != padded:
+        x = F.pad(x, (0, padded - x.shape[-1]))
+    return x.contiguous()
 
 
 def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -184,6 +223,20 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     """Full fused selective scan on CPU tensors (shapes as in ``selective_scan``, B/C 4-D).
 
     Not empty (the dispatcher answers empty inputs). Returns (out float32 (batch, dim, L), last_state
-    (batch, dim, N) or None)."""
-    out, last = _CpuScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
-    return out, (last if return_last_state else None)
+    (batch, dim, N) or None). Traceable by torch.compile: the kernels run inside two custom operators."""
+    batch, dim, length = u.shape
+    groups, n_state = B.shape[1], A.shape[1]
+    padded = -(-n_state // _kernels().W) * _kernels().W
+    rows = batch * dim
+
+    def flat(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.float().contiguous().view(rows, length)
+
+    def states_last(x: torch.Tensor) -> torch.Tensor:  # (batch, groups, N, L) -> (batch * groups, L, NP)
+        return _kernel_layout(x.transpose(2, 3).reshape(batch * groups, length, n_state), padded)
+
+    out, last, _ = _scan_fwd(flat(u), flat(delta), _kernel_layout(A, padded), states_last(B), states_last(C),
+                             None if D is None else D.float(), flat(z),
+                             None if delta_bias is None else delta_bias.float(), bool(delta_softplus))
+    out = out.view(batch, dim, length)
+    return out, (last[:, :n_state].reshape(batch, dim, n_state) if return_last_state else None)

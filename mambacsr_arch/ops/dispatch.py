@@ -173,6 +173,19 @@ def _log_choice(device_type: str, name: str, reason: str) -> None:
         logger.info('selective_scan backend for %s tensors: %s (%s)', device_type, name, reason)
 
 
+@torch.compiler.assume_constant_result
+def _choose(device_type: str, backend: Optional[str]) -> str:
+    """The backend for ``device_type`` tensors (selection rule above), logged once.
+
+    Under torch.compile this runs once, while Dynamo traces, and its answer is a constant of the
+    compiled graph: the availability probe (imports) and the logging call stay out of the graph, so
+    they cause no graph break. Eager calls run it every time, as before (probe and log are cached).
+    A compiled graph therefore keeps the backend chosen when it was traced."""
+    name, reason = resolve_backend(device_type, backend)
+    _log_choice(device_type, name, reason)
+    return name
+
+
 def _autocast_off(device_type: str):
     """Context disabling autocast for ``device_type`` (a no-op where torch has no autocast for it)."""
     try:
@@ -243,8 +256,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     if C.dim() == 3:
         C = C.unsqueeze(1)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name, reason = resolve_backend(u.device, backend)
-    _log_choice(u.device.type, name, reason)
+    name = _choose(u.device.type, backend)
     if u.numel() == 0:  # nothing to scan (no backend needs to handle it)
         out = u.new_zeros(u.shape)
         return (out, out.new_zeros(u.shape[:2] + (A.shape[1],), dtype=torch.float32)) if return_last_state else out
