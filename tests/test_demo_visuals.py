@@ -160,3 +160,19 @@ def test_demo_option_file_turns_visuals_on():
         opt = yaml.safe_load(f)
     assert opt['val']['save_comparisons'] is True and opt['val']['plot_metrics'] is True
     assert 'psnr' in opt['val']['metrics'] and opt['val']['metrics']['psnr']['test_y_channel'] is True
+
+
+def test_demo_export_removes_only_its_own_stale_photos(tmp_path):
+    from mambacsr_arch.data.demo_photos import TRAIN_PHOTOS, export
+
+    out = str(tmp_path / 'demo')
+    assert export(out) is True
+    os.makedirs(osp.join(out, 'train'), exist_ok=True)
+    cv2.imwrite(osp.join(out, 'train', 'moon.png'), np.zeros((8, 8, 3), np.uint8))  # exported by an older version
+    cv2.imwrite(osp.join(out, 'train', 'mine.png'), np.zeros((8, 8, 3), np.uint8))  # the user's own file
+    with open(osp.join(out, 'manifest.txt'), 'a', encoding='utf-8') as f:
+        f.write('train moon 8 8\n')
+    assert export(out) is True
+    left = sorted(os.listdir(osp.join(out, 'train')))
+    assert left == sorted([f'{n}.png' for n in TRAIN_PHOTOS] + ['mine.png'])
+    assert export(out) is False
