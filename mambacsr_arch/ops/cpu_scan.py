@@ -197,8 +197,15 @@ def _scan_fwd_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tenso
     ctx.softplus = softplus
 
 
+def _no_double_backward(ctx: Any, *grads: Any):
+    raise RuntimeError("the cpu selective-scan backend is differentiable once (no double backward); use "
+                       "backend='torch' or MAMBACSR_SCAN_BACKEND=torch for higher-order gradients")
+
+
+_scan_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _scan_fwd_backward(ctx: Any, dout: torch.Tensor, dlast: torch.Tensor, _dckpt: Any):
-    # not differentiable twice: _scan_bwd has no autograd formula (double backward raises)
     u, delta, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(u, delta, A, Bt, Ct, D, z, delta_bias, ctx.softplus, ckpt,
                                                        dout, dlast)

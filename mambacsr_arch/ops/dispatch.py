@@ -175,13 +175,18 @@ def _log_choice(device_type: str, name: str, reason: str) -> None:
 
 @torch.compiler.assume_constant_result
 def _choose(device_type: str, backend: Optional[str]) -> str:
-    """The backend for ``device_type`` tensors (selection rule above), logged once.
+    """The backend for ``device_type`` tensors (selection rule above), logged once; '' if the request
+    cannot be honoured (the caller then raises :func:`resolve_backend`'s error itself).
 
     Under torch.compile this runs once, while Dynamo traces, and its answer is a constant of the
     compiled graph: the availability probe (imports) and the logging call stay out of the graph, so
     they cause no graph break. Eager calls run it every time, as before (probe and log are cached).
-    A compiled graph therefore keeps the backend chosen when it was traced."""
-    name, reason = resolve_backend(device_type, backend)
+    A compiled graph therefore keeps the backend chosen when it was traced. It does not raise because
+    Dynamo would wrap the error in an InternalTorchDynamoError."""
+    try:
+        name, reason = resolve_backend(device_type, backend)
+    except (ValueError, RuntimeError):
+        return ''
     _log_choice(device_type, name, reason)
     return name
 
@@ -257,6 +262,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         C = C.unsqueeze(1)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name = _choose(u.device.type, backend)
+    if not name:  # an impossible request: resolve_backend raises its error again, in this frame
+        name = resolve_backend(u.device, backend)[0]
     if u.numel() == 0:  # nothing to scan (no backend needs to handle it)
         out = u.new_zeros(u.shape)
         return (out, out.new_zeros(u.shape[:2] + (A.shape[1],), dtype=torch.float32)) if return_last_state else out
