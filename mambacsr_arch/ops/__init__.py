@@ -34,6 +34,12 @@ Selection: ``backend=`` argument > ``MAMBACSR_SCAN_BACKEND`` environment variabl
 ``cpu`` for CPU tensors if numba imports else ``torch``). The choice is logged once per process on
 the ``basicsr`` logger. The backends are rows of ``dispatch.TABLE``: a new backend is one module
 plus one row.
+
+torch.compile: the backend is chosen while Dynamo traces (a constant of the compiled graph, so set
+``backend=`` / ``MAMBACSR_SCAN_BACKEND`` before compiling; changing them later does not recompile), and
+the ``cpu`` backend's kernels are the custom operators ``torch.ops.mambacsr.cpu_scan_fwd`` /
+``cpu_scan_bwd`` with fake shapes and an autograd formula, so the scan causes no graph break, in
+inference or training (``tests/test_compile.py``).
 """
 from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
 
