@@ -23,6 +23,12 @@ alike; columns are medians: ``wall`` and ``CPU`` (process CPU time of all thread
 for a busy core, the steadier number on a shared machine) and ``eager / compiled`` ratios (> 1: compile
 is faster). ``breaks`` is the number of Dynamo graph breaks met while compiling (0: one graph).
 The load average is printed before and after.
+
+``--shapes static`` (default) compiles with ``dynamic=False``: one graph per input shape. With ``auto``
+(torch.compile's default) a shape that changes between calls of the same code (the graph pieces
+around SS2D's hand-written backwards in training, or a new image size) is made symbolic, and with
+torch 2.14 Inductor then failed on the moderate network's training step ("cannot determine truth
+value of Relational" while fixing an output view's strides).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mambacsr_arch  # noqa: F401  (first import: thread policy before torch loads; registers MambaCSR)
 import torch
@@ -60,7 +66,8 @@ def graph_breaks() -> int:
 class Case:
     """One (network, task) row: an eager and a compiled callable doing the same work on equal weights."""
 
-    def __init__(self, name: str, task: str, net_opt: dict, size: int, batch: int, mode: str) -> None:
+    def __init__(self, name: str, task: str, net_opt: dict, size: int, batch: int, mode: str,
+                 dynamic: Optional[bool]) -> None:
         self.name, self.task = name, task
         torch.manual_seed(0)
         eager = build_network(dict(net_opt)).train(task == 'train')
@@ -69,7 +76,7 @@ class Case:
         lq = torch.rand(self.shape)
         gt = torch.rand(batch, 3, size * net_opt['upscale'], size * net_opt['upscale'])
         torch._dynamo.utils.counters.clear()
-        compiled = torch.compile(compiled_net, mode=mode)
+        compiled = torch.compile(compiled_net, mode=mode, dynamic=dynamic)
         self.run = {'eager': self._step(eager, eager, lq, gt), 'compiled': self._step(compiled_net, compiled, lq, gt)}
         self.compile_s, _ = timed(self.run['compiled'])
         self.breaks = graph_breaks()
@@ -105,6 +112,9 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument('--tasks', nargs='+', choices=['forward', 'train'], default=['forward', 'train'])
     parser.add_argument('--repeats', type=int, default=9, help='timed eager/compiled pairs per row')
     parser.add_argument('--mode', default='default', help="torch.compile mode (e.g. 'max-autotune-no-cudagraphs')")
+    parser.add_argument('--shapes', choices=['static', 'auto'], default='static',
+                        help="torch.compile dynamic=False (static, default) or None (auto: Dynamo's automatic dynamic "
+                             'shapes; see the docstring)')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
     parser.add_argument('--quick', action='store_true', help='tiny network only, 3 repeats')
     args = parser.parse_args(argv)
@@ -115,14 +125,15 @@ def main(argv: List[str] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}, cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, '
-          f'scan backend for CPU tensors: {mambacsr_arch.ops.resolve_backend("cpu")[0]}, compile mode {args.mode}')
+          f'scan backend for CPU tensors: {mambacsr_arch.ops.resolve_backend("cpu")[0]}, compile mode {args.mode}, '
+          f'{args.shapes} shapes')
     print(f'load average before: {" ".join(f"{x:.2f}" for x in os.getloadavg())}', flush=True)
     cases = []
     for name in args.nets:
         net_opt, fwd_size, fwd_batch, train_size, train_batch = NETS[name]
         for task in args.tasks:
             size, batch = (fwd_size, fwd_batch) if task == 'forward' else (train_size, train_batch)
-            case = Case(name, task, net_opt, size, batch, args.mode)
+            case = Case(name, task, net_opt, size, batch, args.mode, False if args.shapes == 'static' else None)
             print(f'compiled {name} {task} in {case.compile_s:.1f} s ({case.breaks} graph breaks)', flush=True)
             case.measure(record=False)  # warm-up: numba, allocator, the compiled graph's first real run
             cases.append(case)
