@@ -130,7 +130,7 @@ def test_compiled_training_step_matches_eager_aot() -> None:
 @needs_numba
 @pytest.mark.slow
 def test_compiled_training_step_matches_eager_inductor() -> None:
-    """The real compiler (C++ kernels around the numba custom ops); about 80 s cold, 10 s with inductor's cache."""
+    """The real compiler (C++ kernels around the numba custom ops); 50-80 s cold, about 10 s with its on-disk cache."""
     assert_compiled_training_matches('inductor', batch=2)
 
 
