@@ -1,7 +1,8 @@
 """``cpu`` backend: exact fused numba kernel (see :mod:`._cpu_kernels`) behind two torch.library custom
 operators, ``mambacsr::cpu_scan_fwd`` and ``mambacsr::cpu_scan_bwd`` (the autograd formula of the first),
 so ``torch.compile`` keeps the scan in its graph as one opaque node (no graph break) and compiled training
-runs the same kernels.
+runs the same kernels. Eager calls reach the same kernel functions through :class:`_EagerScan`, an
+autograd.Function, which skips the custom-operator dispatch.
 
 Saved for backward: u, delta, z (batch*dim, L), the transposed B, C (batch*groups, L, N) and one state
 per chunk of ``CHUNK`` steps (batch*dim, L / CHUNK, N) -- never the (batch, dim, L, N) states.
