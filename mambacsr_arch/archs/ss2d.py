@@ -278,9 +278,8 @@ class SS2D(nn.Module):
 
         A direction whose flip partner was already scanned is derived from it by reversing (no second
         reorder); every other one is copied straight from the permuted view of the map. Shorter
-        sequences (none with the current orders, which all scan every token of the map) would be zero-padded
-        at the end (causal scan: trailing padding
-        never changes earlier outputs).
+        sequences (none with the current orders, which all scan every token of the map) would be
+        zero-padded at the end (causal scan: trailing padding never changes earlier outputs).
         """
         b, d = x.shape[:2]
         size = x.shape[2:]
@@ -496,7 +495,7 @@ class SS2D(nn.Module):
                     target = target.unflatten(-1, (n // 5, 5))[..., 1:]
                     seq = seq.unflatten(-1, (n // 5, 5))[..., 1:]
                 gate = gates[:, m].reshape((b, d) + (1, ) * len(dims))
-                torch.mul(seq_grad, gate, out=target)
+                target.copy_(seq_grad * gate)  # not mul(out=view): torch.compile breaks its graph there
                 grad_gates[:, m] = (seq_grad * seq).sum(dims)
             done.update(group)
         return grad_ys, grad_gates
@@ -543,9 +542,9 @@ class SS2D(nn.Module):
     def _layer_norm_channels_first(self, y: torch.Tensor) -> torch.Tensor:
         """``out_norm`` over the channels of a (B, D, L) tensor, without transposing it."""
         norm = self.out_norm
-        avg = y.new_full((1, y.shape[1]), 1.0 / y.shape[1])
         if torch.is_grad_enabled():
             return _ChannelNorm.apply(y, norm.weight, norm.bias, norm.eps)
+        avg = y.new_full((1, y.shape[1]), 1.0 / y.shape[1])
         # inference: in place, no fresh (B, D, L) buffers besides one for the squares
         centred = y.sub_(torch.matmul(avg, y))
         rstd = torch.rsqrt(torch.matmul(avg, centred * centred) + norm.eps)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from basicsr.metrics import calculate_metric
 from basicsr.utils import tensor2img
 
+from ..fileio import write_bytes_atomic
+
 __all__ = ['bicubic_upsample', 'comparison_panel', 'metric_label', 'metric_plot', 'plot_metric_names', 'psnr_option',
            'record_metrics', 'save_comparisons', 'save_metric_plots', 'write_png']
 
@@ -47,11 +49,10 @@ def bicubic_upsample(lq: torch.Tensor, scale: int, gt: torch.Tensor) -> torch.Te
 def write_png(path: str, img: np.ndarray) -> None:
     """Write ``img`` (uint8 BGR) to ``path`` atomically; an OSError names the path when it fails."""
     os.makedirs(osp.dirname(path) or '.', exist_ok=True)
-    tmp = osp.join(osp.dirname(path), f'.{osp.basename(path)}.tmp.png')
-    if not cv2.imwrite(tmp, img):
-        raise OSError(f'cannot write {path} (cv2.imwrite failed): is {osp.dirname(path) or "."} writable '
-                      f'and the disk not full?')
-    os.replace(tmp, path)
+    ok, encoded = cv2.imencode('.png', img)
+    if not ok:
+        raise OSError(f'cannot encode {path} as PNG (cv2.imencode failed).')
+    write_bytes_atomic(path, encoded.data)
 
 
 def metric_label(metric_opt: Mapping[str, Any]) -> str:
@@ -280,10 +281,7 @@ def record_metrics(folder: str, dataset: str, current_iter: int, network: Mappin
         if metric in baseline:
             record['baseline'] = float(baseline[metric])
     os.makedirs(folder, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(history, f, indent=1)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(history, indent=1).encode('utf-8'))
     return entry
 
 
