@@ -270,3 +270,27 @@ def test_eval_write_failure_after_scoring_keeps_the_earlier_file(tmp_path, eval_
     assert 'Traceback' not in captured.err
     assert target.read_text() == '{"earlier": true}\n'
     assert sorted(os.listdir(tmp_path)) == ['gt', 'scores.json', 'sr']  # no temporary file left
+
+
+def test_ctrl_c_mid_run_writes_no_partial_file_and_a_rerun_continues(tmp_path, net_args, capsys, monkeypatch):
+    from mambacsr_arch.cli import infer as infer_cli
+
+    _images(tmp_path / 'in', ['a.png', 'b.png', 'c.png'])
+    before = _snapshot(tmp_path / 'in')
+    real, calls = infer_cli.restore_file, []
+
+    def interrupted_on_the_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer_cli, 'restore_file', interrupted_on_the_second)
+    assert _infer('-i', tmp_path / 'in', '-o', tmp_path / 'out', *net_args) == 130
+    err = _error_lines(capsys)
+    assert 'interrupted at' in err and 'b.png' in err and 'Run the same command again' in err
+    assert sorted(os.listdir(tmp_path / 'out')) == [MANIFEST_NAME, 'a.png']  # no temporary left behind
+    monkeypatch.setattr(infer_cli, 'restore_file', real)
+    assert _infer('-i', tmp_path / 'in', '-o', tmp_path / 'out', *net_args) == 0
+    assert sorted(os.listdir(tmp_path / 'out')) == [MANIFEST_NAME, 'a.png', 'b.png', 'c.png']
+    assert _snapshot(tmp_path / 'in') == before

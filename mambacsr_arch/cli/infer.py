@@ -47,7 +47,8 @@ A single file named by ``-i`` is always processed. Folders are listed by the pro
 loop-safe walker: a symbolic-link loop with an image name is a configuration error naming it.
 
 Exit codes: 0 every image written or skipped; 1 at least one image failed (each failure is
-reported, the others are still processed); 2 configuration error (nothing processed).
+reported, the others are still processed); 2 configuration error (nothing processed); 130 interrupted
+(Ctrl-C: the image in progress is not written; rerunning the same command continues).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mambacsr_arch.fileio import write_bytes_atomic
 
-EXIT_OK, EXIT_FAILED_IMAGES, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED_IMAGES, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 OUTPUT_EXTENSIONS = ('png', 'jpg', 'jpeg', 'bmp', 'tif', 'tiff', 'webp')
 
 
@@ -526,6 +527,11 @@ def run(args: argparse.Namespace) -> int:
         message = None
         try:
             digest = write_image_atomic(restore_file(net, path, setup, device), out_path)
+        except KeyboardInterrupt:  # Ctrl-C: the image in progress was never written (atomic); say how to go on
+            bar.close()
+            print(f'basicsr infer: interrupted at {path}; {written} written to {args.output}. Run the same command '
+                  'again to continue (existing outputs are skipped).', file=sys.stderr)
+            return EXIT_INTERRUPTED
         except ImageReadError as err:  # corrupt / unsupported file: this image only
             message = str(err)
         except ValueError as err:  # scale / network mismatch: the same for every image
