@@ -338,12 +338,9 @@ def run_pipeline(command: str, argv: Optional[List[str]] = None) -> int:
     sys.argv = [f'basicsr {command}'] + argv  # BasicSR's parse_options reads sys.argv
     try:
         pipeline(root_path=os.getcwd())
-    except _user_errors() as err:
+    except _user_errors() + (FloatingPointError, ) as err:
         print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    except FloatingPointError as err:
-        print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
-        return 1
+        return 1 if isinstance(err, FloatingPointError) else EXIT_CONFIG
     return 0
 
 
