@@ -13,18 +13,24 @@ Speed (cycles are counted per 8-wide state update in ``benchmarks/bench_scan.py`
   compile-time widths R x W, which LLVM unrolls over the rows and turns into SIMD code over the states.
   A row block is a fixed unit of work (``block_rows``), so each row's arithmetic never depends on
   how the rows are split between threads (results are bitwise identical for any thread count).
-* ``exp`` is a branch-free, vectorisable base-2 exp: y = dt * (A log2 e), 2^round(y) put straight
+* ``exp`` is a branch-free, vectorisable base-2 exp: y = dt * (A log2 e), 2^rint(y) put straight
   into the exponent bits and a degree-5 near-minimax polynomial for 2^f, |f| <= 1/2 (relative error
-  < 2e-7 over the whole range; LLVM has no vector ``exp`` without Intel SVML).
+  < 2e-7 over the whole range; LLVM has no vector ``exp`` without Intel SVML). It and the other small
+  helpers are inlined by numba (``inline='always'``): a call per element keeps a loop scalar.
 * All kernels use numba's ``error_model='numpy'``: with the default (Python) model every float
   division may raise ZeroDivisionError, and that branch stopped LLVM from vectorising softplus and
   sigmoid over the steps of a chunk.
+* What keeps LLVM from vectorising, and the cure used here: (1) a computed index such as
+  ``x[i, t0 + j]`` may be negative for all numba knows, so every access wraps around and becomes a
+  gather: loops over steps index a view ``x[i, t0:t1]`` from 0 instead; (2) a loop writing several
+  arrays needs proof that they do not overlap: the hot loops live in functions compiled with numba's
+  ``noalias`` flag (``_HOT_OPTS``), whose array arguments are distinct buffers.
 
 Kernels are serial over a range of row blocks (or backward tasks) and release the GIL; the caller
 runs ranges on a thread pool (lighter to compile than numba's parallel=True, follows torch's thread
 count, and no second OpenMP runtime). Forward writes the state at the start of every chunk of
 ``T`` steps; backward recomputes the states and decays of one chunk at a time from those
-checkpoints (two (T + 1, NP) buffers per task), so memory stays O(rows * L) and no (rows, L, N)
+checkpoints (two (T + 1, R, NP) buffers per thread), so memory stays O(rows * L) and no (rows, L, N)
 tensor ever exists.
 """
 from __future__ import annotations
@@ -32,53 +38,80 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.extending import intrinsic
 
 W = 16  # SIMD width of the inner loops (states per block); 8 defeats LLVM's vectoriser
 R = 4  # rows advanced together (independent recurrences hide the latency of each other's chain)
 _F = np.float32
 _LOG2E = _F(1.4426950408889634)
-_MAGIC = _F(12582912.0)  # 1.5 * 2^23: y + _MAGIC holds round(y) in its low mantissa bits
 _Q1, _Q2, _Q3 = _F(0.6931470036506653), _F(0.24022242426872253), _F(0.05550733581185341)
 _Q4, _Q5 = _F(0.009671512991189957), _F(0.001326472731307149)  # 2^f ~ 1 + Q1 f + ... + Q5 f^5
 _LO2, _HI2 = _F(-125.0), _F(127.0)  # clamp of y: 2^-125 = 2.4e-38 stands for 0, 2^127 for overflow
-_ONE, _HALF, _ZERO = _F(1.0), _F(0.5), _F(0.0)
-# ``_pow2`` is compiled without 'reassoc' (it would fold (y + _MAGIC) - _MAGIC into y) and inlined by
-# LLVM, which keeps its per-instruction flags; the kernels add 'reassoc' so LLVM can vectorise their
-# sums over the N states.
+_ONE, _ZERO = _F(1.0), _F(0.0)
+# the kernels add 'reassoc' so LLVM can vectorise their sums over the N states (``_pow2`` rounds with
+# llvm.rint, which no fast-math rewrite folds)
 _FM = {'nsz', 'arcp', 'contract', 'afn'}  # no 'nnan'/'ninf': NaN inputs must propagate
 _FM_KERNEL = _FM | {'reassoc'}
 _OPTS = dict(fastmath=_FM, error_model='numpy')
 _KERNEL_OPTS = dict(nogil=True, fastmath=_FM_KERNEL, error_model='numpy', cache=True)
 
 
+class _NoAliasCompiler(CompilerBase):
+    """numba's nopython pipeline with its ``noalias`` flag on: array arguments are marked ``noalias``,
+    so LLVM vectorises loops that write several arrays (without it, it cannot prove that two writes do
+    not overlap and falls back to scalar code). Only for functions whose written array arguments never
+    overlap any other argument (fresh outputs and scratch buffers)."""
+
+    def define_pipelines(self):
+        self.state.flags.noalias = True
+        return [DefaultPassBuilder.define_nopython_pipeline(self.state)]
+
+
+_HOT_OPTS = dict(_KERNEL_OPTS, pipeline_class=_NoAliasCompiler)
+
+
 @intrinsic
-def _scale_by_pow2(typingctx, p, kf):
-    """p * 2^k for float32 p in [0.5, 2) and kf = k + _MAGIC (k in [-125, 127]): adds the low bits
-    of kf, shifted into the exponent field, to p's bits (integer ops, vectorisable, no overflow)."""
-    if not (p == types.float32 and kf == types.float32):
+def _rint(typingctx, y):
+    """float32 y rounded to the nearest integer (ties to even): one vectorisable instruction (llvm.rint),
+    opaque to fast-math rewrites, so y - rint(y) is never folded to 0."""
+    if y != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic('llvm.rint', [ir.FloatType()])
+        return builder.call(fn, [args[0]])
+
+    return types.float32(y), codegen
+
+
+@intrinsic
+def _scale_by_pow2(typingctx, p, k):
+    """p * 2^k for float32 p in [0.5, 2) and an integral float32 k in [-125, 127]: adds k, shifted into
+    the exponent field, to p's bits (integer ops, vectorisable, no overflow)."""
+    if not (p == types.float32 and k == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
         p_bits = builder.bitcast(args[0], i32)
-        k_bits = builder.shl(builder.bitcast(args[1], i32), ir.Constant(i32, 23))
+        k_bits = builder.shl(builder.fptosi(args[1], i32), ir.Constant(i32, 23))
         return builder.bitcast(builder.add(p_bits, k_bits), ir.FloatType())
 
-    return types.float32(p, kf), codegen
+    return types.float32(p, k), codegen
 
 
-@njit(**_OPTS)
+@njit(inline='always', **_OPTS)
 def _pow2(y):
     """float32 2^y, relative error < 2e-7; y clamped to [-125, 127] (NaN stays NaN)."""
     y = min(max(y, _LO2), _HI2)
-    kf = y + _MAGIC
-    f = y - (kf - _MAGIC)  # in [-1/2, 1/2]
+    k = _rint(y)
+    f = y - k  # in [-1/2, 1/2]
     p = ((((_Q5 * f + _Q4) * f + _Q3) * f + _Q2) * f + _Q1) * f + _ONE
-    return _scale_by_pow2(p, kf)
+    return _scale_by_pow2(p, k)
 
 
-@njit(**_OPTS)
+@njit(inline='always', **_OPTS)
 def _exp(x):
     """float32 exp (relative error ~3e-7 from the rounding of x log2 e); 2.4e-38 below -86.6."""
     return _pow2(x * _LOG2E)
@@ -89,7 +122,7 @@ _THIRD, _FIFTH, _SEVENTH = _F(1.0 / 3.0), _F(1.0 / 5.0), _F(1.0 / 7.0)
 _NINTH, _ELEVENTH, _THIRTEENTH = _F(1.0 / 9.0), _F(1.0 / 11.0), _F(1.0 / 13.0)
 
 
-@njit(**_OPTS)
+@njit(inline='always', **_OPTS)
 def _softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], with
     log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3 (series to s^13: rel. error < 1e-8). Vectorisable."""
@@ -101,7 +134,7 @@ def _softplus(x):
     return max(x, _ZERO) + _TWO * s * series
 
 
-@njit(**_OPTS)
+@njit(inline='always', **_OPTS)
 def _sigmoid(x):
     """1 / (1 + exp(-x)); vectorisable."""
     return _ONE / (_ONE + _exp(-x))
@@ -112,13 +145,15 @@ def _chunk_dt(delta, u, i, t0, t1, bias, softplus, dt_buf, du_buf):
     """dt_buf[j] = softplus?(delta[i, t0 + j] + bias), du_buf[j] = dt_buf[j] * u[i, t0 + j] over one
     chunk (vectorised over the steps)."""
     m = t1 - t0
+    d_row = delta[i, t0:t1]  # views indexed from 0: no negative-index wrap-around (which defeats SIMD loads)
+    u_row = u[i, t0:t1]
     for j in range(m):
-        dt_buf[j] = delta[i, t0 + j] + bias
+        dt_buf[j] = d_row[j] + bias
     if softplus:
         for j in range(m):
             dt_buf[j] = _softplus(dt_buf[j])
     for j in range(m):
-        du_buf[j] = dt_buf[j] * u[i, t0 + j]
+        du_buf[j] = dt_buf[j] * u_row[j]
 
 
 @njit(**_OPTS)
@@ -193,14 +228,76 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
                     out[row[r], t] = accs[r] + D[chan[r]] * u[row[r], t]
             if has_z:
                 for r in range(valid):
-                    i = row[r]
-                    for t in range(t0, t1):
-                        zt = z[i, t]
-                        out[i, t] *= zt * _sigmoid(zt)
+                    z_row = z[row[r], t0:t1]
+                    out_row = out[row[r], t0:t1]
+                    for j0 in range(t1 - t0):
+                        zt = z_row[j0]
+                        out_row[j0] *= zt * _sigmoid(zt)
         for r in range(R):
             for k in range(nblk):
                 for j in range(W):
                     last[row[r], k * W + j] = h[k, r, j]
+
+
+@njit(**_HOT_OPTS)
+def _bwd_states(t0, m, Btg, Ctg, dt_buf, du_buf, A2, hs, es, ys):
+    """Recompute ``m`` steps from t0 for the R rows of a block: decays es (m, nblk, R, W), states hs
+    (m + 1, nblk, R, W) from hs[0], and the pre-gate outputs ys (R, m) without the D term.
+    Btg, Ctg: (L, NP) of the rows' batch and group."""
+    nblk = A2.shape[0]
+    for j0 in range(m):
+        t = t0 + j0
+        for k in range(nblk):
+            for r in range(R):
+                dtt = dt_buf[r, j0]
+                dut = du_buf[r, j0]
+                acc = _ZERO
+                for j in range(W):
+                    n = k * W + j
+                    e = _pow2(dtt * A2[k, r, j])
+                    es[j0, k, r, j] = e
+                    hn = e * hs[j0, k, r, j] + dut * Btg[t, n]
+                    hs[j0 + 1, k, r, j] = hn
+                    acc += hn * Ctg[t, n]
+                ys[r, j0] = acc if k == 0 else ys[r, j0] + acc
+
+
+@njit(**_HOT_OPTS)
+def _bwd_reverse(t0, m, Btg, Ctg, dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc, dBp, dCp, gu_buf, ga_buf,
+                 sB, sC):
+    """Reverse sweep over ``m`` steps from t0 + m - 1 down to t0 for the R rows of a block: carries
+    gs = dL/dh backwards, accumulates dA_acc, adds the rows' dB, dC terms (summed over the rows first)
+    into dBp, dCp (L, NP) and writes gu_buf = sum_n dL/dh_n B_n, ga_buf = sum_n dL/d(dt A_n) A_n (R, m)."""
+    nblk = A1.shape[0]
+    for jj in range(m):
+        j0 = m - 1 - jj
+        t = t0 + j0
+        for k in range(nblk):
+            for j in range(W):
+                sB[j] = _ZERO
+                sC[j] = _ZERO
+            for r in range(R):
+                dtt = dt_buf[r, j0]
+                dyt = dy_buf[r, j0]
+                du_t = du_buf[r, j0]
+                acc_u = _ZERO
+                acc_a = _ZERO
+                for j in range(W):
+                    n = k * W + j
+                    gn = gs[k, r, j] + dyt * Ctg[t, n]  # dL/dh_t
+                    e = es[j0, k, r, j]
+                    sC[j] += dyt * hs[j0 + 1, k, r, j]
+                    sB[j] += gn * du_t
+                    acc_u += gn * Btg[t, n]
+                    ga = gn * e * hs[j0, k, r, j]  # dL/d(dt * A[n]) at step t
+                    acc_a += ga * A1[k, r, j]
+                    dA_acc[k, r, j] += ga * dtt
+                    gs[k, r, j] = gn * e
+                gu_buf[r, j0] = acc_u if k == 0 else gu_buf[r, j0] + acc_u
+                ga_buf[r, j0] = acc_a if k == 0 else ga_buf[r, j0] + acc_a
+            for j in range(W):
+                dBp[t, k * W + j] += sB[j]
+                dCp[t, k * W + j] += sC[j]
 
 
 @njit(**_KERNEL_OPTS)
@@ -215,20 +312,35 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
     NP), one partial sum per block of channels of a group (caller sums the blocks); task = (batch *
     groups + group) * blocks_per_group + block. Each task owns its block, so there are no write
     races. The states of a chunk are recomputed from ckpt.
+
+    As in the forward, ``R`` rows of the block advance together (:func:`_bwd_states`,
+    :func:`_bwd_reverse`): their recurrences hide each other's latency and share the loads of B and C,
+    and their dB, dC terms are summed before one update of the task's partial sums. A short last
+    group of rows repeats its last row with zero output gradients (so it adds exactly 0 to dB, dC) and
+    writes nothing.
     """
-    rows, length = u.shape
+    length = u.shape[1]
     n_state = A.shape[1]
     nblk = n_state // W
     per_group = dim // groups
     n_chunks = ckpt.shape[1]
-    hs = np.empty((chunk + 1, n_state), dtype=np.float32)  # hs[j] = state before step t0 + j
-    es = np.empty((chunk, n_state), dtype=np.float32)  # decays exp(dt A) of the chunk
-    dt_buf = np.empty(chunk, dtype=np.float32)
-    du_buf = np.empty(chunk, dtype=np.float32)  # dt * u
-    dy_buf = np.empty(chunk, dtype=np.float32)  # dL/d(<C, h> + D u)
-    gs = np.empty(n_state, dtype=np.float32)  # dL/dh, carried backwards in time
-    dA_acc = np.empty(n_state, dtype=np.float32)
-    A2 = np.empty(n_state, dtype=np.float32)  # A * log2(e) of the row
+    hs = np.empty((chunk + 1, nblk, R, W), dtype=np.float32)  # hs[j] = states before step t0 + j
+    es = np.empty((chunk, nblk, R, W), dtype=np.float32)  # decays exp(dt A) of the chunk
+    dt_buf = np.empty((R, chunk), dtype=np.float32)
+    du_buf = np.empty((R, chunk), dtype=np.float32)  # dt * u
+    dy_buf = np.empty((R, chunk), dtype=np.float32)  # dL/d(<C, h> + D u)
+    gu_buf = np.empty((R, chunk), dtype=np.float32)  # sum_n dL/dh_n B_n
+    ga_buf = np.empty((R, chunk), dtype=np.float32)  # sum_n dL/d(dt A_n) A_n
+    gs = np.empty((nblk, R, W), dtype=np.float32)  # dL/dh, carried backwards in time
+    dA_acc = np.empty((nblk, R, W), dtype=np.float32)
+    A1 = np.empty((nblk, R, W), dtype=np.float32)  # A of the rows
+    A2 = np.empty((nblk, R, W), dtype=np.float32)  # A * log2(e)
+    sB = np.empty(W, dtype=np.float32)
+    sC = np.empty(W, dtype=np.float32)
+    dD_acc = np.empty(R, dtype=np.float32)
+    dbias_acc = np.empty(R, dtype=np.float32)
+    row = np.empty(R, dtype=np.int64)
+    chan = np.empty(R, dtype=np.int64)
     for task in range(lo, hi):
         bg = task // blocks_per_group
         part = task % blocks_per_group
@@ -238,75 +350,78 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
         c1 = g * per_group + ((part + 1) * per_group) // blocks_per_group
         dB_part[task] = _ZERO
         dC_part[task] = _ZERO
-        for d in range(c0, c1):
-            i = b * dim + d
-            dd = D[d]
-            bias = delta_bias[d]
-            dD_acc = _ZERO
-            dbias_acc = _ZERO
-            for n in range(n_state):
-                gs[n] = dlast[i, n]
-                dA_acc[n] = _ZERO
-                A2[n] = A[d, n] * _LOG2E
+        for first in range(c0, c1, R):
+            valid = min(R, c1 - first)
+            for r in range(R):
+                chan[r] = first + min(r, valid - 1)
+                row[r] = b * dim + chan[r]
+                dD_acc[r] = _ZERO
+                dbias_acc[r] = _ZERO
+            for k in range(nblk):
+                for r in range(R):
+                    for j in range(W):
+                        n = k * W + j
+                        A1[k, r, j] = A[chan[r], n]
+                        A2[k, r, j] = A[chan[r], n] * _LOG2E
+                        gs[k, r, j] = dlast[row[r], n] if r < valid else _ZERO
+                        dA_acc[k, r, j] = _ZERO
             for c in range(n_chunks - 1, -1, -1):
                 t0 = c * chunk
                 t1 = min(t0 + chunk, length)
-                _chunk_dt(delta, u, i, t0, t1, bias, softplus, dt_buf, du_buf)
-                for n in range(n_state):
-                    hs[0, n] = ckpt[i, c, n]
-                for t in range(t0, t1):  # recompute decays, states and (if gated) the pre-gate output
-                    j0 = t - t0
-                    dtt = dt_buf[j0]
-                    du_t = du_buf[j0]
+                m = t1 - t0
+                for r in range(R):
+                    _chunk_dt(delta, u, row[r], t0, t1, delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r])
+                    for k in range(nblk):
+                        for j in range(W):
+                            hs[0, k, r, j] = ckpt[row[r], c, k * W + j]
+                _bwd_states(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, es, dy_buf)
+                for r in range(R):
+                    dy_r = dy_buf[r]
+                    dout_row = dout[row[r], t0:t1]
+                    if r >= valid:
+                        for j0 in range(m):
+                            dy_r[j0] = _ZERO
+                    elif has_z:
+                        dd = D[chan[r]]
+                        z_row = z[row[r], t0:t1]
+                        u_row = u[row[r], t0:t1]
+                        dz_row = dz[row[r], t0:t1]
+                        for j0 in range(m):
+                            zt = z_row[j0]
+                            sg = _sigmoid(zt)
+                            y_pre = dy_r[j0] + dd * u_row[j0]
+                            dz_row[j0] = dout_row[j0] * y_pre * sg * (_ONE + zt * (_ONE - sg))
+                            dy_r[j0] = dout_row[j0] * zt * sg
+                    else:
+                        for j0 in range(m):
+                            dy_r[j0] = dout_row[j0]
+                _bwd_reverse(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc,
+                             dB_part[task], dC_part[task], gu_buf, ga_buf, sB, sC)
+                for r in range(valid):
+                    dd = D[chan[r]]
+                    bias = delta_bias[chan[r]]
+                    u_row = u[row[r], t0:t1]
+                    du_row = du[row[r], t0:t1]
+                    dd_row = ddelta[row[r], t0:t1]
+                    gu_r, ga_r, dy_r, dt_r = gu_buf[r], ga_buf[r], dy_buf[r], dt_buf[r]
                     acc = _ZERO
-                    for k in range(nblk):
-                        for j in range(W):
-                            n = k * W + j
-                            e = _pow2(dtt * A2[n])
-                            es[j0, n] = e
-                            hn = e * hs[j0, n] + du_t * Bt[bg, t, n]
-                            hs[j0 + 1, n] = hn
-                            acc += hn * Ct[bg, t, n]
-                    dy_buf[j0] = acc + dd * u[i, t]  # pre-gate output, replaced below by its gradient
-                if has_z:
-                    for t in range(t0, t1):
-                        j0 = t - t0
-                        zt = z[i, t]
-                        sg = _sigmoid(zt)
-                        dz[i, t] = dout[i, t] * dy_buf[j0] * sg * (_ONE + zt * (_ONE - sg))
-                        dy_buf[j0] = dout[i, t] * zt * sg
-                else:
-                    for t in range(t0, t1):
-                        dy_buf[t - t0] = dout[i, t]
-                for t in range(t1 - 1, t0 - 1, -1):
-                    j0 = t - t0
-                    dtt = dt_buf[j0]
-                    ut = u[i, t]
-                    dyt = dy_buf[j0]
-                    du_t = du_buf[j0]
-                    acc_u = _ZERO
-                    acc_a = _ZERO
-                    for k in range(nblk):
-                        for j in range(W):
-                            n = k * W + j
-                            gn = gs[n] + dyt * Ct[bg, t, n]  # dL/dh_t
-                            bn = Bt[bg, t, n]
-                            dC_part[task, t, n] += dyt * hs[j0 + 1, n]
-                            dB_part[task, t, n] += gn * du_t
-                            acc_u += gn * bn
-                            ga = gn * es[j0, n] * hs[j0, n]  # dL/d(dt * A[n]) at step t
-                            acc_a += ga * A[d, n]
-                            dA_acc[n] += ga * dtt
-                            gs[n] = gn * es[j0, n]
-                    du[i, t] = acc_u * dtt + dd * dyt
-                    dD_acc += dyt * ut
-                    ddelta[i, t] = acc_a + acc_u * ut  # sum_n (ga A[n] + gn B[n] u)
-                if softplus:
-                    for t in range(t0, t1):
-                        ddelta[i, t] *= _sigmoid(delta[i, t] + bias)
-                for t in range(t0, t1):
-                    dbias_acc += ddelta[i, t]
-            for n in range(n_state):
-                dA_rows[i, n] = dA_acc[n]
-            dD_rows[i] = dD_acc
-            dbias_rows[i] = dbias_acc
+                    for j0 in range(m):
+                        du_row[j0] = gu_r[j0] * dt_r[j0] + dd * dy_r[j0]
+                        acc += dy_r[j0] * u_row[j0]
+                        dd_row[j0] = ga_r[j0] + gu_r[j0] * u_row[j0]  # sum_n (ga A[n] + gn B[n] u)
+                    dD_acc[r] += acc
+                    if softplus:
+                        d_row = delta[row[r], t0:t1]
+                        for j0 in range(m):
+                            dd_row[j0] *= _sigmoid(d_row[j0] + bias)
+                    acc = _ZERO
+                    for j0 in range(m):
+                        acc += dd_row[j0]
+                    dbias_acc[r] += acc
+            for r in range(valid):
+                i = row[r]
+                for k in range(nblk):
+                    for j in range(W):
+                        dA_rows[i, k * W + j] = dA_acc[k, r, j]
+                dD_rows[i] = dD_acc[r]
+                dbias_rows[i] = dbias_acc[r]
