@@ -181,6 +181,26 @@ def _load_block_A(A, chan, A2):
                 A2[k, r, j] = A[chan[r], k * W + j] * _LOG2E
 
 
+@njit(**_HOT_OPTS)
+def _fwd_steps(t0, m, Btg, Ctg, dt_buf, du_buf, A2, h, ys):
+    """Advance the states h (nblk, R, W) of a block's R rows over ``m`` steps from t0 and write their
+    outputs <C, h> (without the D term) to ys (R, m). Btg, Ctg: (L, NP) of the rows' batch and group."""
+    nblk = A2.shape[0]
+    for j0 in range(m):
+        t = t0 + j0
+        for k in range(nblk):
+            for r in range(R):
+                dtt = dt_buf[r, j0]
+                dut = du_buf[r, j0]
+                acc = _ZERO
+                for j in range(W):
+                    n = k * W + j
+                    hn = _pow2(dtt * A2[k, r, j]) * h[k, r, j] + dut * Btg[t, n]
+                    h[k, r, j] = hn
+                    acc += hn * Ctg[t, n]
+                ys[r, j0] = acc if k == 0 else ys[r, j0] + acc
+
+
 @njit(**_KERNEL_OPTS)
 def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk,
                  out, last, ckpt):
@@ -198,7 +218,7 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
     A2 = np.empty((nblk, R, W), dtype=np.float32)
     dt_buf = np.empty((R, chunk), dtype=np.float32)
     du_buf = np.empty((R, chunk), dtype=np.float32)
-    accs = np.empty(R, dtype=np.float32)
+    ys = np.empty((R, chunk), dtype=np.float32)
     for block in range(lo, hi):
         bg, valid = block_rows(block, dim, groups, row, chan)
         _load_block_A(A, chan, A2)
@@ -206,33 +226,26 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
         for c in range(n_chunks):
             t0 = c * chunk
             t1 = min(t0 + chunk, length)
+            m = t1 - t0
             for r in range(R):
                 for k in range(nblk):
                     for j in range(W):
                         ckpt[row[r], c, k * W + j] = h[k, r, j]
                 _chunk_dt(delta, u, row[r], t0, t1, delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r])
-            for t in range(t0, t1):
-                j0 = t - t0
-                for k in range(nblk):
-                    for r in range(R):
-                        dtt = dt_buf[r, j0]
-                        dut = du_buf[r, j0]
-                        acc = _ZERO
-                        for j in range(W):
-                            n = k * W + j
-                            hn = _pow2(dtt * A2[k, r, j]) * h[k, r, j] + dut * Bt[bg, t, n]
-                            h[k, r, j] = hn
-                            acc += hn * Ct[bg, t, n]
-                        accs[r] = acc if k == 0 else accs[r] + acc
-                for r in range(R):  # a spare slot rewrites its row's value (identical arithmetic)
-                    out[row[r], t] = accs[r] + D[chan[r]] * u[row[r], t]
-            if has_z:
-                for r in range(valid):
+            _fwd_steps(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, h, ys)
+            for r in range(valid):  # a spare slot repeats its block's last row: nothing to write
+                dd = D[chan[r]]
+                y_r = ys[r]
+                u_row = u[row[r], t0:t1]
+                out_row = out[row[r], t0:t1]
+                if has_z:
                     z_row = z[row[r], t0:t1]
-                    out_row = out[row[r], t0:t1]
-                    for j0 in range(t1 - t0):
+                    for j0 in range(m):
                         zt = z_row[j0]
-                        out_row[j0] *= zt * _sigmoid(zt)
+                        out_row[j0] = (y_r[j0] + dd * u_row[j0]) * (zt * _sigmoid(zt))
+                else:
+                    for j0 in range(m):
+                        out_row[j0] = y_r[j0] + dd * u_row[j0]
         for r in range(R):
             for k in range(nblk):
                 for j in range(W):
@@ -263,19 +276,15 @@ def _bwd_states(t0, m, Btg, Ctg, dt_buf, du_buf, A2, hs, es, ys):
 
 
 @njit(**_HOT_OPTS)
-def _bwd_reverse(t0, m, Btg, Ctg, dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc, dBp, dCp, gu_buf, ga_buf,
-                 sB, sC):
+def _bwd_reverse(t0, m, Btg, Ctg, dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc, dBp, dCp, gu_buf, ga_buf):
     """Reverse sweep over ``m`` steps from t0 + m - 1 down to t0 for the R rows of a block: carries
-    gs = dL/dh backwards, accumulates dA_acc, adds the rows' dB, dC terms (summed over the rows first)
-    into dBp, dCp (L, NP) and writes gu_buf = sum_n dL/dh_n B_n, ga_buf = sum_n dL/d(dt A_n) A_n (R, m)."""
+    gs = dL/dh backwards, accumulates dA_acc, adds the rows' dB, dC terms into dBp, dCp (L, NP) (whole
+    vectors: no partial-width stores that a vector load would have to wait for) and writes gu_buf = sum_n dL/dh_n B_n, ga_buf = sum_n dL/d(dt A_n) A_n (R, m)."""
     nblk = A1.shape[0]
     for jj in range(m):
         j0 = m - 1 - jj
         t = t0 + j0
         for k in range(nblk):
-            for j in range(W):
-                sB[j] = _ZERO
-                sC[j] = _ZERO
             for r in range(R):
                 dtt = dt_buf[r, j0]
                 dyt = dy_buf[r, j0]
@@ -286,8 +295,8 @@ def _bwd_reverse(t0, m, Btg, Ctg, dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc
                     n = k * W + j
                     gn = gs[k, r, j] + dyt * Ctg[t, n]  # dL/dh_t
                     e = es[j0, k, r, j]
-                    sC[j] += dyt * hs[j0 + 1, k, r, j]
-                    sB[j] += gn * du_t
+                    dCp[t, n] += dyt * hs[j0 + 1, k, r, j]
+                    dBp[t, n] += gn * du_t
                     acc_u += gn * Btg[t, n]
                     ga = gn * e * hs[j0, k, r, j]  # dL/d(dt * A[n]) at step t
                     acc_a += ga * A1[k, r, j]
@@ -295,9 +304,6 @@ def _bwd_reverse(t0, m, Btg, Ctg, dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc
                     gs[k, r, j] = gn * e
                 gu_buf[r, j0] = acc_u if k == 0 else gu_buf[r, j0] + acc_u
                 ga_buf[r, j0] = acc_a if k == 0 else ga_buf[r, j0] + acc_a
-            for j in range(W):
-                dBp[t, k * W + j] += sB[j]
-                dCp[t, k * W + j] += sC[j]
 
 
 @njit(**_KERNEL_OPTS)
@@ -314,8 +320,8 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
     races. The states of a chunk are recomputed from ckpt.
 
     As in the forward, ``R`` rows of the block advance together (:func:`_bwd_states`,
-    :func:`_bwd_reverse`): their recurrences hide each other's latency and share the loads of B and C,
-    and their dB, dC terms are summed before one update of the task's partial sums. A short last
+    :func:`_bwd_reverse`): their recurrences hide each other's latency and share the loads of B and C
+    and the task's dB, dC partial sums of a step (in L1 cache). A short last
     group of rows repeats its last row with zero output gradients (so it adds exactly 0 to dB, dC) and
     writes nothing.
     """
@@ -335,8 +341,6 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
     dA_acc = np.empty((nblk, R, W), dtype=np.float32)
     A1 = np.empty((nblk, R, W), dtype=np.float32)  # A of the rows
     A2 = np.empty((nblk, R, W), dtype=np.float32)  # A * log2(e)
-    sB = np.empty(W, dtype=np.float32)
-    sC = np.empty(W, dtype=np.float32)
     dD_acc = np.empty(R, dtype=np.float32)
     dbias_acc = np.empty(R, dtype=np.float32)
     row = np.empty(R, dtype=np.int64)
@@ -396,7 +400,7 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
                         for j0 in range(m):
                             dy_r[j0] = dout_row[j0]
                 _bwd_reverse(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc,
-                             dB_part[task], dC_part[task], gu_buf, ga_buf, sB, sC)
+                             dB_part[task], dC_part[task], gu_buf, ga_buf)
                 for r in range(valid):
                     dd = D[chan[r]]
                     bias = delta_bias[chan[r]]
