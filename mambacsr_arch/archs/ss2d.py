@@ -512,7 +512,9 @@ class SS2D(nn.Module):
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         # one split (its backward is one concatenation; three slices would each zero-fill a full gradient)
         dt_in, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)  # bs, cs (B, K, N, L) views: the kernel transposes them
-        dts = torch.matmul(self.dt_projs_weight, dt_in)  # (B, K, D, L)
+        # (B, K, D, L) as one bmm over B * K (matmul would broadcast the weight and copy the strided dt_in)
+        dts = torch.bmm(self.dt_projs_weight.expand(b, -1, -1, -1).reshape(b * k, d, r),
+                        dt_in.reshape(b * k, r, length)).view(b, k, d, length)
         ys = ops.selective_scan(
             xs.reshape(b, k * d, length).float(),
             dts.reshape(b, k * d, length).float(),
