@@ -10,6 +10,7 @@ when torch loads. Conditions, interleaved over ``--rounds`` so background drift 
 
 * ``default``: the environment ``import mambacsr_arch`` gives (``OMP_WAIT_POLICY=PASSIVE`` unless set);
 * ``ACTIVE``: ``OMP_WAIT_POLICY=ACTIVE`` (spinning idle OpenMP threads, torch's usual behaviour);
+* ``--policies`` picks others: ``PASSIVE``, or ``spin:N`` (``GOMP_SPINCOUNT=N``: spin, then sleep);
 
 each ``quiet`` and ``busy`` (a second process spinning in a pure Python loop, i.e. one core taken).
 A child builds the network, runs 2 warm-up steps (numba compilation, allocator), then reports the
@@ -35,7 +36,7 @@ from basicsr.archs import build_network
 
 cfg = json.loads(sys.argv[1])
 torch.manual_seed(0)
-net = build_network(dict(type='MambaCSR', upscale=4, in_chans=3, img_size=cfg['lr_size'], embed_dim=24, d_state=8,
+net = build_network(dict(type='MambaCSR', upscale=4, in_chans=3, img_size=cfg['lr_size'], embed_dim=24, d_state=16,
                          scan_size=8, depths=[2, 2], depths2=[2], mlp_ratio=2, img_range=1.,
                          upsampler='pixelshuffle', resi_connection='1conv', dual_interleaved_scan=True,
                          cross_scale_scan=True))
@@ -55,11 +56,22 @@ print(json.dumps({'step_s': statistics.median(times), 'threads': torch.get_num_t
 '''
 
 
-def run_child(cfg: Dict[str, int], policy: str, busy: bool) -> float:
+def policy_env(policy: str) -> Dict[str, str]:
+    """The environment of a child for ``policy``: 'default' (what ``import mambacsr_arch`` gives),
+    an OMP_WAIT_POLICY value ('ACTIVE', 'PASSIVE'), or 'spin:N' (GOMP_SPINCOUNT=N, libgomp's spin
+    iterations before an idle thread sleeps)."""
     env = dict(os.environ)
-    env.pop('OMP_WAIT_POLICY', None)
-    if policy != 'default':
+    for key in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'):
+        env.pop(key, None)
+    if policy.startswith('spin:'):
+        env['GOMP_SPINCOUNT'] = policy.split(':', 1)[1]
+    elif policy != 'default':
         env['OMP_WAIT_POLICY'] = policy
+    return env
+
+
+def run_child(cfg: Dict[str, int], policy: str, busy: bool) -> float:
+    env = policy_env(policy)
     spinner = subprocess.Popen([sys.executable, '-c', 'while True: pass']) if busy else None
     try:
         if spinner is not None:
@@ -81,22 +93,24 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument('--rounds', type=int, default=2, help='interleaved repetitions of every condition')
     parser.add_argument('--lr-size', type=int, default=16, help='LR patch size (px)')
     parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--policies', nargs='+', default=['default', 'ACTIVE'],
+                        help="'default', an OMP_WAIT_POLICY value or 'spin:N' (GOMP_SPINCOUNT=N)")
     args = parser.parse_args(argv)
     cfg = dict(steps=args.steps, lr_size=args.lr_size, batch=args.batch)
     print(f'cores {os.cpu_count()}, load average before: {os.getloadavg()}')
-    conditions = [(policy, busy) for policy in ('default', 'ACTIVE') for busy in (False, True)]
+    conditions = [(policy, busy) for policy in args.policies for busy in (False, True)]
     results: Dict[tuple, List[float]] = {c: [] for c in conditions}
     for _ in range(args.rounds):
         for condition in conditions:
             results[condition].append(run_child(cfg, *condition))
     print(f'\nMambaCSR demo network, training step, batch {args.batch}, LR {args.lr_size}px, '
           f'median of {args.rounds} round(s) x {args.steps} step(s)')
-    print(f"| OMP_WAIT_POLICY | quiet (s) | one busy process (s) | busy / quiet |")
+    print(f"| threads' wait policy | quiet (s) | one busy process (s) | busy / quiet |")
     print('|---|---|---|---|')
-    for policy in ('default', 'ACTIVE'):
+    for policy in args.policies:
         quiet = statistics.median(results[(policy, False)])
         busy = statistics.median(results[(policy, True)])
-        label = 'default (PASSIVE via mambacsr_arch)' if policy == 'default' else policy
+        label = 'default (set by mambacsr_arch)' if policy == 'default' else policy
         print(f'| {label} | {quiet:.3f} | {busy:.3f} | {busy / quiet:.2f} |')
     print(f'\nload average after: {os.getloadavg()}')
     return 0
