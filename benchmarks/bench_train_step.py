@@ -86,7 +86,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument('--steps', type=int, default=3, help='timed steps per configuration and round')
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--embed-dim', type=int, default=24)
-    parser.add_argument('--d-state', type=int, default=8)
+    parser.add_argument('--d-state', type=int, default=16)
     parser.add_argument('--depths', type=int, nargs='+', default=[2, 2])
     parser.add_argument('--depths2', type=int, nargs='+', default=[2])
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
