@@ -129,6 +129,7 @@ CASES: List[tuple] = [
     (3, 8, 16, 65, 2, False, True, False, True, True, False),
     (2, 6, 4, 130, 1, True, True, True, True, False, True),
     (1, 4, 16, 200, 4, False, False, False, True, True, False),
+    (1, 80, 16, 70, 1, True, True, True, True, True, False),  # cpu backward: 5 channels a task (R = 4, then 1)
 ]
 
 
