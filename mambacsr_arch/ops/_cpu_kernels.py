@@ -182,12 +182,21 @@ def _load_block_A(A, chan, A2):
 
 
 @njit(**_HOT_OPTS)
-def _fwd_steps(t0, m, Btg, Ctg, dt_buf, du_buf, A2, h, ys):
-    """Advance the states h (nblk, R, W) of a block's R rows over ``m`` steps from t0 and write their
-    outputs <C, h> (without the D term) to ys (R, m). Btg, Ctg: (L, NP) of the rows' batch and group."""
+def _advance(t0, m, Btg, Ctg, dt_buf, du_buf, A2, hs, es, ys, keep):
+    """The recurrence of a block's R rows over ``m`` steps from t0 (forward and backward share it):
+    h = exp(dt A) h + dt u B and the outputs ys (R, m) = <C, h> without the D term. Btg, Ctg: (L, NP)
+    of the rows' batch and group; A2 = A log2(e) (nblk, R, W).
+
+    ``keep=False`` (forward): hs is (1, nblk, R, W), the running state, updated in place; es unused.
+    ``keep=True`` (the backward's recomputation): hs (m + 1, nblk, R, W) gets every state from hs[0]
+    on and es (m, nblk, R, W) every decay."""
     nblk = A2.shape[0]
     for j0 in range(m):
         t = t0 + j0
+        src = j0 if keep else 0
+        dst = j0 + 1 if keep else 0
+        h_in = hs[src]
+        h_out = hs[dst]
         for k in range(nblk):
             for r in range(R):
                 dtt = dt_buf[r, j0]
@@ -195,8 +204,11 @@ def _fwd_steps(t0, m, Btg, Ctg, dt_buf, du_buf, A2, h, ys):
                 acc = _ZERO
                 for j in range(W):
                     n = k * W + j
-                    hn = _pow2(dtt * A2[k, r, j]) * h[k, r, j] + dut * Btg[t, n]
-                    h[k, r, j] = hn
+                    e = _pow2(dtt * A2[k, r, j])
+                    if keep:
+                        es[j0, k, r, j] = e
+                    hn = e * h_in[k, r, j] + dut * Btg[t, n]
+                    h_out[k, r, j] = hn
                     acc += hn * Ctg[t, n]
                 ys[r, j0] = acc if k == 0 else ys[r, j0] + acc
 
@@ -214,7 +226,8 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
     n_chunks = ckpt.shape[1]
     row = np.empty(R, dtype=np.int64)
     chan = np.empty(R, dtype=np.int64)
-    h = np.empty((nblk, R, W), dtype=np.float32)
+    hs = np.empty((1, nblk, R, W), dtype=np.float32)  # the running state
+    h = hs[0]
     A2 = np.empty((nblk, R, W), dtype=np.float32)
     dt_buf = np.empty((R, chunk), dtype=np.float32)
     du_buf = np.empty((R, chunk), dtype=np.float32)
@@ -232,7 +245,7 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
                     for j in range(W):
                         ckpt[row[r], c, k * W + j] = h[k, r, j]
                 _chunk_dt(delta, u, row[r], t0, t1, delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r])
-            _fwd_steps(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, h, ys)
+            _advance(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, hs, ys, False)  # es: not touched
             for r in range(valid):  # a spare slot repeats its block's last row: nothing to write
                 dd = D[chan[r]]
                 y_r = ys[r]
@@ -250,29 +263,6 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
             for k in range(nblk):
                 for j in range(W):
                     last[row[r], k * W + j] = h[k, r, j]
-
-
-@njit(**_HOT_OPTS)
-def _bwd_states(t0, m, Btg, Ctg, dt_buf, du_buf, A2, hs, es, ys):
-    """Recompute ``m`` steps from t0 for the R rows of a block: decays es (m, nblk, R, W), states hs
-    (m + 1, nblk, R, W) from hs[0], and the pre-gate outputs ys (R, m) without the D term.
-    Btg, Ctg: (L, NP) of the rows' batch and group."""
-    nblk = A2.shape[0]
-    for j0 in range(m):
-        t = t0 + j0
-        for k in range(nblk):
-            for r in range(R):
-                dtt = dt_buf[r, j0]
-                dut = du_buf[r, j0]
-                acc = _ZERO
-                for j in range(W):
-                    n = k * W + j
-                    e = _pow2(dtt * A2[k, r, j])
-                    es[j0, k, r, j] = e
-                    hn = e * hs[j0, k, r, j] + dut * Btg[t, n]
-                    hs[j0 + 1, k, r, j] = hn
-                    acc += hn * Ctg[t, n]
-                ys[r, j0] = acc if k == 0 else ys[r, j0] + acc
 
 
 @njit(**_HOT_OPTS)
@@ -319,7 +309,7 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
     groups + group) * blocks_per_group + block. Each task owns its block, so there are no write
     races. The states of a chunk are recomputed from ckpt.
 
-    As in the forward, ``R`` rows of the block advance together (:func:`_bwd_states`,
+    As in the forward, ``R`` rows of the block advance together (:func:`_advance`,
     :func:`_bwd_reverse`): their recurrences hide each other's latency and share the loads of B and C
     and the task's dB, dC partial sums of a step (in L1 cache). A short last
     group of rows repeats its last row with zero output gradients (so it adds exactly 0 to dB, dC) and
@@ -378,7 +368,7 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
                     for k in range(nblk):
                         for j in range(W):
                             hs[0, k, r, j] = ckpt[row[r], c, k * W + j]
-                _bwd_states(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, es, dy_buf)
+                _advance(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, es, dy_buf, True)
                 for r in range(R):
                     dy_r = dy_buf[r]
                     dout_row = dout[row[r], t0:t1]
