@@ -269,7 +269,8 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
 def _bwd_reverse(t0, m, Btg, Ctg, dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc, dBp, dCp, gu_buf, ga_buf):
     """Reverse sweep over ``m`` steps from t0 + m - 1 down to t0 for the R rows of a block: carries
     gs = dL/dh backwards, accumulates dA_acc, adds the rows' dB, dC terms into dBp, dCp (L, NP) (whole
-    vectors: no partial-width stores that a vector load would have to wait for) and writes gu_buf = sum_n dL/dh_n B_n, ga_buf = sum_n dL/d(dt A_n) A_n (R, m)."""
+    vectors: no partial-width stores that a vector load would have to wait for) and writes
+    gu_buf = sum_n dL/dh_n B_n and ga_buf = sum_n dL/d(dt A_n) A_n (R, m)."""
     nblk = A1.shape[0]
     for jj in range(m):
         j0 = m - 1 - jj
