@@ -259,7 +259,7 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
                 else:
                     for j0 in range(m):
                         out_row[j0] = y_r[j0] + dd * u_row[j0]
-        for r in range(R):
+        for r in range(valid):
             for k in range(nblk):
                 for j in range(W):
                     last[row[r], k * W + j] = h[k, r, j]
@@ -352,12 +352,12 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
                 row[r] = b * dim + chan[r]
                 dD_acc[r] = _ZERO
                 dbias_acc[r] = _ZERO
+            _load_block_A(A, chan, A2)
             for k in range(nblk):
                 for r in range(R):
                     for j in range(W):
                         n = k * W + j
                         A1[k, r, j] = A[chan[r], n]
-                        A2[k, r, j] = A[chan[r], n] * _LOG2E
                         gs[k, r, j] = dlast[row[r], n] if r < valid else _ZERO
                         dA_acc[k, r, j] = _ZERO
             for c in range(n_chunks - 1, -1, -1):
