@@ -71,3 +71,26 @@ def test_training_path_matches_the_reference_outputs_and_gradients(directions, d
     assert fast_grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_training_under_bf16_autocast_keeps_dtypes_and_stays_close():
+    """Autocast (AMP) training: the hand-written backwards run the products under the forward's autocast
+    and return every gradient in its tensor's dtype, close to the float32 ones."""
+    m = _module(['w4', 'w4_flip', 'c_w4', 'c_w4_flip'], 3, False).train()
+    x, _ = _inputs((8, 8), False)
+    weight = torch.randn(x.shape)
+    results = []
+    for enabled in (False, True):
+        m.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=enabled):
+            out = m(xi)
+        (out.float() * weight).sum().backward()
+        grads = {name: p.grad.clone() for name, p in m.named_parameters()}
+        grads['input'] = xi.grad.clone()
+        results.append(grads)
+    full, mixed = results
+    for name, g in mixed.items():
+        assert g.dtype == torch.float32, name
+        assert torch.isfinite(g).all(), name
+        assert (g - full[name]).norm() <= 0.05 * full[name].norm() + 1e-6, name

@@ -16,6 +16,7 @@ Parameter names and shapes follow the official checkpoints (``LW_SS2D`` / ``Cros
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -187,6 +188,63 @@ class _GatedMerge(torch.autograd.Function):
         grad_ys, grad_gates = ctx.mixer._merge_gated_backward(grad, ys, gates, ctx.lengths, ctx.size,
                                                               ctx.channels_first)
         return None, grad_ys, grad_gates, None, None, None
+
+
+class _LayoutLinear(torch.autograd.Function):
+    """A bias-free linear layer that changes layout, with a backward that keeps each tensor's own layout.
+
+    ``channels_first=True``: tokens (B, L, C), weight (D, C) -> (B, D, L) = weight @ tokens^T.
+    ``channels_first=False``: y (B, D, L), weight (C, D) -> tokens (B, L, C) = y^T @ weight^T.
+    Autograd's own formula hands the input a gradient in the *output's* layout (a transposed view), and
+    every elementwise backward behind it then mixes a transposed operand with contiguous ones (several
+    times slower per element); here each input's gradient is one matrix product in the input's layout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, channels_first):
+        device = x.device.type
+        ctx.channels_first = channels_first
+        # the backward's products run under the forward's autocast (bf16 GEMMs on a GPU under AMP)
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(x, weight)
+        return _layout_product(x, weight, channels_first)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        b = x.shape[0]
+        grad_x = grad_w = None
+        autocast = (torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]) if ctx.autocast is not None else
+                    contextlib.nullcontext())
+        with autocast:
+            if ctx.channels_first:  # grad (B, D, L), x (B, L, C)
+                if ctx.needs_input_grad[0]:
+                    grad_x = torch.bmm(grad.transpose(1, 2), weight.expand(b, -1, -1))
+                if ctx.needs_input_grad[1]:
+                    grad_w = torch.bmm(grad, x).sum(0)
+            else:  # grad (B, L, C), x (B, D, L)
+                if ctx.needs_input_grad[0]:
+                    grad_x = torch.bmm(weight.t().expand(b, -1, -1), grad.transpose(1, 2))
+                if ctx.needs_input_grad[1]:
+                    grad_w = torch.bmm(grad.transpose(1, 2), x.transpose(1, 2)).sum(0)
+        return (None if grad_x is None else grad_x.to(x.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None)
+
+
+def _layout_product(x: torch.Tensor, weight: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """The product of :class:`_LayoutLinear` (bmm with a transposed operand: no copy, no broadcast)."""
+    b = x.shape[0]
+    if channels_first:
+        return torch.bmm(weight.expand(b, -1, -1), x.transpose(1, 2))
+    return torch.bmm(x.transpose(1, 2), weight.t().expand(b, -1, -1))
+
+
+def _layout_linear(x: torch.Tensor, weight: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """:class:`_LayoutLinear` with autograd; the same products without it."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LayoutLinear.apply(x, weight, channels_first)
+    return _layout_product(x, weight, channels_first)
 
 
 def _cross_flip(seq: torch.Tensor) -> torch.Tensor:
@@ -566,7 +624,7 @@ class SS2D(nn.Module):
         xs = F.linear(tokens, weight[:d], None if bias is None else bias[:d]).reshape(b, h, w, d)
         xs = self.act(self.conv2d(xs.permute(0, 3, 1, 2)))
         # z half: channels-first, as a bmm with a transposed operand (matmul would broadcast and copy)
-        z = torch.bmm(weight[d:].expand(b, -1, -1), tokens.transpose(1, 2))  # (B, D, HW)
+        z = _layout_linear(tokens, weight[d:], channels_first=True)  # (B, D, HW)
         if bias is not None:
             z = z + bias[d:, None]
         z = self.act(z)
@@ -575,7 +633,7 @@ class SS2D(nn.Module):
         y = y.reshape(b, d, h * w)
         y = self._layer_norm_channels_first(y).to(z.dtype)
         y = y * z if torch.is_grad_enabled() else y.mul_(z)
-        out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(b, -1, -1))  # (B, HW, C)
+        out = _layout_linear(y, self.out_proj.weight, channels_first=False)  # (B, HW, C)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
         return self.dropout(out.reshape(b, h, w, c))
