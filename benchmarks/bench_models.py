@@ -33,11 +33,13 @@ hits all of them alike:
   scan counted analytically (its CPU kernel runs outside PyTorch's dispatcher). With u (batch,
   D, L), A (D, N), per call::
 
-      scan FLOPs = batch * D * L * (8 * N + 6 + 2 * [z given])
+      scan FLOPs = batch * D * L * (8 * N + 6 + 2 * [z given] + 2 * R)
 
   per (b, d, l, n) 8: delta*A (1), exp (1, a transcendental counted as one FLOP), delta*u*B (2),
   x = dA*x + dBu (2), y += C*x (2); per (b, d, l) 6: delta + bias and softplus (~4), y + D*u (2),
-  plus the silu gate (~2) when z is given (MambaCSR's SS2D gates outside the scan, so no z there).
+  plus the silu gate (~2) when z is given (MambaCSR's SS2D gates outside the scan, so no z there),
+  plus the rank-R dt projection (2 R) when it is passed as ``delta_weight`` (MambaCSR's R = 12; it is a
+  matrix product inside the cpu kernel, counted here so that every backend counts the same FLOPs).
   Elementwise ops outside the scan (norms, activations, residuals) are not counted, as usual.
 """
 from __future__ import annotations
@@ -88,11 +90,14 @@ def replaced_scan(fn: Callable[..., Any]) -> Iterator[None]:
         ops.selective_scan = original
 
 
-def scan_flops(u: torch.Tensor, A: torch.Tensor, z: Optional[torch.Tensor] = None) -> int:
-    """Analytic FLOPs of one selective-scan call (formula in the module doc); u (b, D, L), A (D, N)."""
+def scan_flops(u: torch.Tensor, A: torch.Tensor, z: Optional[torch.Tensor] = None,
+               delta_weight: Optional[torch.Tensor] = None) -> int:
+    """Analytic FLOPs of one selective-scan call (formula in the module doc); u (b, D, L), A (D, N);
+    a low-rank delta's projection (``delta_weight`` (D, R)) adds 2 R per (b, d, l)."""
     b, d, length = u.shape
     n = A.shape[-1]
-    return b * d * length * (8 * n + 6 + (2 if z is not None else 0))
+    rank = 0 if delta_weight is None else delta_weight.shape[1]
+    return b * d * length * (8 * n + 6 + (2 if z is not None else 0) + 2 * rank)
 
 
 def count_flops(net: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
@@ -105,8 +110,8 @@ def count_flops(net: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
     scan_total = [0]
 
     def counting_stub(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, backend=None):
-        scan_total[0] += scan_flops(u, A, z)
+                      return_last_state=False, backend=None, delta_weight=None):
+        scan_total[0] += scan_flops(u, A, z, delta_weight)
         out = torch.zeros_like(u)  # values do not change the FLOP count of the layers after the scan
         return (out, u.new_zeros(u.shape[0], u.shape[1], A.shape[-1])) if return_last_state else out
 

@@ -135,22 +135,26 @@ def test_compiled_training_step_matches_eager_inductor() -> None:
 
 
 @needs_numba
-@pytest.mark.parametrize('full', [True, False], ids=['D_z_bias', 'bare'])
-def test_custom_ops_pass_opcheck(full: bool) -> None:
-    """Schema, fake shapes, autograd registration and AOT dispatch of both custom ops."""
+@pytest.mark.parametrize('full, low_rank', [(True, False), (False, False), (True, True)],
+                         ids=['D_z_bias', 'bare', 'low_rank_delta'])
+def test_custom_ops_pass_opcheck(full: bool, low_rank: bool) -> None:
+    """Schema, fake shapes, autograd registration and AOT dispatch of both custom ops (with a dense delta
+    and with a low-rank delta projected in the kernel)."""
     g = torch.Generator().manual_seed(0)
-    batch, dim, groups, length, padded = 2, 4, 2, 70, cpu_scan._kernels().W
+    batch, dim, groups, length, padded, rank = 2, 4, 2, 70, cpu_scan._kernels().W, 3
 
     def states(*shape):
         return F.pad(torch.randn(*shape, 3, generator=g), (0, padded - 3)).requires_grad_()
 
-    fwd_args = (torch.randn(batch * dim, length, generator=g).requires_grad_(),
-                torch.rand(batch * dim, length, generator=g).requires_grad_(),
+    delta = (torch.randn(batch * groups, rank, length, generator=g) if low_rank else
+             torch.rand(batch * dim, length, generator=g)).requires_grad_()
+    fwd_args = (torch.randn(batch * dim, length, generator=g).requires_grad_(), delta,
                 (-F.pad(torch.rand(dim, 3, generator=g), (0, padded - 3))).requires_grad_(),
                 states(batch * groups, length), states(batch * groups, length),
                 torch.randn(dim, generator=g).requires_grad_() if full else None,
                 torch.randn(batch * dim, length, generator=g).requires_grad_() if full else None,
-                torch.randn(dim, generator=g).requires_grad_() if full else None, full)
+                torch.randn(dim, generator=g).requires_grad_() if full else None, full,
+                (0.3 * torch.randn(dim, rank, generator=g)).requires_grad_() if low_rank else None)
     torch.library.opcheck(cpu_scan._scan_fwd, fwd_args)
     out, last, ckpt = cpu_scan._scan_fwd(*fwd_args)
     assert ckpt.shape == (batch * dim, 2, padded)

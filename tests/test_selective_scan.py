@@ -237,3 +237,62 @@ def test_cpu_results_do_not_depend_on_thread_count() -> None:
         torch.set_num_threads(previous)
     for name, one, three in zip(['out'] + NAMES, results[0], results[1]):
         assert torch.equal(one, three), name
+
+
+# (batch, dim, N, L, groups, rank, D, z, delta_bias, softplus, return_last_state)
+LOW_RANK_CASES: List[tuple] = [
+    (2, 8, 4, 70, 2, 3, True, True, True, True, True),
+    (1, 80, 16, 130, 1, 5, True, False, True, True, False),  # cpu backward: several tasks and row blocks
+    (3, 6, 16, 65, 3, 2, False, True, False, False, True),
+]
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('case', LOW_RANK_CASES, ids=lambda c: 'b{}d{}n{}L{}g{}r{}'.format(*c[:6]))
+def test_low_rank_delta_matches_the_projected_reference(backend: str, case: tuple) -> None:
+    """``delta_weight``: delta is (batch, groups, R, L), projected per group (inside the cpu kernel, by the
+    dispatcher for the others); outputs and every gradient, the weight's included, against float64."""
+    batch, dim, n, length, groups, rank, D, z, bias, softplus, last = case
+    inputs = make_inputs(batch, dim, n, length, groups, D, z, bias, seed=sum(case))
+    g = torch.Generator().manual_seed(7)
+    low = torch.randn(batch, groups, rank, length, generator=g) * 0.5
+    weight = torch.randn(dim, rank, generator=g) * 0.5
+    out_w = torch.randn(batch, dim, length, generator=g, dtype=torch.float64)
+    last_w = torch.randn(batch, dim, n, generator=g, dtype=torch.float64)
+    present = [k for k in NAMES if k != 'delta' and inputs[k] is not None]
+    results = []
+    for ours in (True, False):
+        leaves = {k: inputs[k].detach().clone().requires_grad_() for k in present}
+        if not ours:
+            leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+        lw = weight.clone().requires_grad_() if ours else weight.double().requires_grad_()
+        ll = low.clone().requires_grad_() if ours else low.double().requires_grad_()
+        args = [leaves.get(k) for k in NAMES if k != 'delta']
+        if ours:
+            res = selective_scan(args[0], ll, *args[1:], delta_softplus=softplus, return_last_state=last,
+                                 backend=backend_name(backend), delta_weight=lw)
+        else:
+            dense = torch.einsum('gdr,bgrl->bgdl', lw.view(groups, dim // groups, rank), ll).reshape(batch, dim, length)
+            res = scan64(args[0], dense, *args[1:], delta_softplus=softplus)
+            res = res if last else res[0]
+        out, state = res if isinstance(res, tuple) else (res, None)
+        loss = (out.double() * out_w).sum() + ((state.double() * last_w).sum() if last else 0)
+        tensors = [leaves[k] for k in present] + [ll, lw]
+        grads = torch.autograd.grad(loss, tensors)
+        results.append((out, state, grads))
+    (out, state, grads), (ref, ref_state, ref_grads) = results
+    close(out, ref, 1e-4, f'{backend} output')
+    if last:
+        close(state, ref_state, 1e-4, f'{backend} last_state')
+    for name, got, want in zip(present + ['delta (low rank)', 'delta_weight'], grads, ref_grads):
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        close(got, want, 1e-3, f'{backend} d{name}')
+
+
+def test_low_rank_delta_rejects_bad_shapes() -> None:
+    inputs = make_inputs(1, 6, 4, 10, 2, False, False, False)
+    u, _, A, B, C = (inputs[k] for k in NAMES[:5])
+    with pytest.raises(ValueError, match='delta_weight must be'):
+        selective_scan(u, torch.randn(1, 2, 3, 10), A, B, C, delta_weight=torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r'delta must be \(batch, groups, R, L\)'):
+        selective_scan(u, torch.randn(1, 1, 3, 10), A, B, C, delta_weight=torch.randn(6, 3))

@@ -570,12 +570,11 @@ class SS2D(nn.Module):
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         # one split (its backward is one concatenation; three slices would each zero-fill a full gradient)
         dt_in, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)  # bs, cs (B, K, N, L) views: the kernel transposes them
-        # (B, K, D, L) as one bmm over B * K (matmul would broadcast the weight and copy the strided dt_in)
-        dts = torch.bmm(self.dt_projs_weight.expand(b, -1, -1, -1).reshape(b * k, d, r),
-                        dt_in.reshape(b * k, r, length)).view(b, k, d, length)
+        # the rank-R dt projection is the scan's delta_weight: the cpu kernel projects inside (no (B, K, D, L)
+        # dt tensor; a rank-12 product is memory-bound), other backends get it projected by the dispatcher
         ys = ops.selective_scan(
             xs.reshape(b, k * d, length).float(),
-            dts.reshape(b, k * d, length).float(),
+            dt_in.float(),
             -torch.exp(self.A_logs.float()),
             bs.float(),
             cs.float(),
@@ -583,6 +582,7 @@ class SS2D(nn.Module):
             delta_bias=self.dt_projs_bias.reshape(-1).float(),
             delta_softplus=True,
             backend=self.scan_backend,
+            delta_weight=self.dt_projs_weight.reshape(k * d, r).float(),
         ).reshape(b, k, d, length)
         down = tuple(x_down.shape[2:]) if x_down is not None else None
         mask = self._valid_mask((h, w), down, length, lengths, ys.device)

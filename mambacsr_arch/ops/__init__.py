@@ -3,11 +3,16 @@
 Public API
 ----------
 ``selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-return_last_state=False, backend=None)``
+return_last_state=False, backend=None, delta_weight=None)``
     Same call and semantics as ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``:
     u, delta (batch, dim, L); A (dim, N); B, C (batch, groups, N, L) or (batch, N, L); D,
     delta_bias (dim,); z (batch, dim, L) gate ``y * silu(z)``. Float32 math with autocast
     disabled, output in u's dtype; ``return_last_state`` also returns the (batch, dim, N) state.
+    Our addition ``delta_weight`` (dim, R): delta is low-rank, (batch, groups, R, L), and the scan
+    uses ``project_delta(delta, delta_weight)`` (Mamba's dt projection); the ``cpu`` backend
+    projects inside its kernel, the others get the projected (batch, dim, L) tensor.
+``project_delta(delta, delta_weight) -> (batch, dim, L)``
+    That projection, made explicit.
 ``available_backends() -> dict[str, str | None]``
     Backend name -> None if usable here, else the reason (with the install command).
 ``resolve_backend(device, backend=None) -> (name, reason)``
@@ -41,6 +46,6 @@ the ``cpu`` backend's kernels are the custom operators ``torch.ops.mambacsr.cpu_
 ``cpu_scan_bwd`` with fake shapes and an autograd formula, so the scan causes no graph break, in
 inference or training (``tests/test_compile.py``).
 """
-from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve_backend, selective_scan
+from .dispatch import BACKENDS, ENV_VAR, available_backends, project_delta, resolve_backend, selective_scan
 
-__all__ = ['selective_scan', 'available_backends', 'resolve_backend', 'BACKENDS', 'ENV_VAR']
+__all__ = ['selective_scan', 'project_delta', 'available_backends', 'resolve_backend', 'BACKENDS', 'ENV_VAR']

@@ -1,7 +1,11 @@
 """Numba kernels of the ``cpu`` selective-scan backend (imported only when numba is present).
 
 Everything of ``selective_scan_fn`` is fused: delta_bias and softplus, the recurrence, D and the
-silu(z) gate, forward and backward, so no (batch, dim, L) temporaries are made besides the outputs.
+silu(z) gate, forward and backward, so no (batch, dim, L) temporaries are made besides the outputs;
+so is a low-rank delta's projection (``delta_weight``: dt = w_d . delta_in[:, t], R multiply-adds a
+step, vectorised over the steps of a chunk), so that a model's (batch, dim, L) dt tensor is never
+stored either (the backward still returns the gradient of the projected delta; its caller applies
+the projection's backward as two matrix products).
 Layout (all float32, C-contiguous): rows ``i = b * dim + d`` of u, delta, z, out (rows, L); A (dim, NP);
 B and C transposed to (batch * groups, L, NP) so the NP states of one step are contiguous. NP is
 N padded to a multiple of ``W`` = 16 (padded states have A = 0, B = C = 0 and stay exactly 0).
@@ -141,14 +145,28 @@ def _sigmoid(x):
 
 
 @njit(**_OPTS)
-def _chunk_dt(delta, u, i, t0, t1, bias, softplus, dt_buf, du_buf):
+def _chunk_dt(delta, dt_in, w, lowrank, u, i, t0, t1, bias, softplus, dt_buf, du_buf, raw_buf, keep_raw):
     """dt_buf[j] = softplus?(delta[i, t0 + j] + bias), du_buf[j] = dt_buf[j] * u[i, t0 + j] over one
-    chunk (vectorised over the steps)."""
+    chunk (vectorised over the steps). ``lowrank``: delta[i] is not stored but projected here,
+    sum_r w[r] dt_in[r, t0 + j] (w: row i's weights (R,), dt_in: its batch and group's (R, L)).
+    ``keep_raw``: raw_buf[j] also gets the argument of the softplus (the backward's sigmoid)."""
     m = t1 - t0
-    d_row = delta[i, t0:t1]  # views indexed from 0: no negative-index wrap-around (which defeats SIMD loads)
-    u_row = u[i, t0:t1]
-    for j in range(m):
-        dt_buf[j] = d_row[j] + bias
+    u_row = u[i, t0:t1]  # views indexed from 0: no negative-index wrap-around (which defeats SIMD loads)
+    if lowrank:
+        for j in range(m):
+            dt_buf[j] = bias
+        for r in range(w.shape[0]):
+            wr = w[r]
+            x_row = dt_in[r, t0:t1]
+            for j in range(m):
+                dt_buf[j] += wr * x_row[j]
+    else:
+        d_row = delta[i, t0:t1]
+        for j in range(m):
+            dt_buf[j] = d_row[j] + bias
+    if keep_raw:
+        for j in range(m):
+            raw_buf[j] = dt_buf[j]
     if softplus:
         for j in range(m):
             dt_buf[j] = _softplus(dt_buf[j])
@@ -214,13 +232,14 @@ def _advance(t0, m, Btg, Ctg, dt_buf, du_buf, A2, hs, es, ys, keep):
 
 
 @njit(**_KERNEL_OPTS)
-def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk,
-                 out, last, ckpt):
-    """Fused forward of row blocks lo..hi-1 (see :func:`block_rows`; releases the GIL). u, delta,
-    out: (rows, L); z: (rows, L) if ``has_z`` (else any 2-D array); A: (dim, NP); Bt, Ct:
-    (batch*groups, L, NP); D, delta_bias: (dim,) (zeros when absent). Writes out = (<C, h> + D u) *
-    silu(z), last (rows, NP) and ckpt (rows, n_chunks, NP), the state before each chunk of ``chunk``
-    steps."""
+def scan_forward(lo, hi, u, delta, delta_in, delta_w, lowrank, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
+                 dim, groups, chunk, out, last, ckpt):
+    """Fused forward of row blocks lo..hi-1 (see :func:`block_rows`; releases the GIL). u, out:
+    (rows, L); delta: (rows, L), or with ``lowrank`` (then delta is any 2-D array) projected here from
+    delta_in (batch*groups, R, L) by delta_w (dim, R) (else any 3-D and 2-D arrays); z: (rows, L) if ``has_z`` (else any 2-D array);
+    A: (dim, NP); Bt, Ct: (batch*groups, L, NP); D, delta_bias: (dim,) (zeros when absent). Writes
+    out = (<C, h> + D u) * silu(z), last (rows, NP) and ckpt (rows, n_chunks, NP), the state before
+    each chunk of ``chunk`` steps."""
     length = u.shape[1]
     nblk = A.shape[1] // W
     n_chunks = ckpt.shape[1]
@@ -234,6 +253,7 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
     ys = np.empty((R, chunk), dtype=np.float32)
     for block in range(lo, hi):
         bg, valid = block_rows(block, dim, groups, row, chan)
+        dt_in = delta_in[bg] if lowrank else delta_in[0]
         _load_block_A(A, chan, A2)
         h[:] = _ZERO
         for c in range(n_chunks):
@@ -244,7 +264,8 @@ def scan_forward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
                 for k in range(nblk):
                     for j in range(W):
                         ckpt[row[r], c, k * W + j] = h[k, r, j]
-                _chunk_dt(delta, u, row[r], t0, t1, delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r])
+                _chunk_dt(delta, dt_in, delta_w[chan[r] if lowrank else 0], lowrank, u, row[r], t0, t1,
+                          delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r], ys[r], False)
             _advance(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, hs, ys, False)  # es: not touched
             for r in range(valid):  # a spare slot repeats its block's last row: nothing to write
                 dd = D[chan[r]]
@@ -298,13 +319,14 @@ def _bwd_reverse(t0, m, Btg, Ctg, dt_buf, du_buf, dy_buf, A1, hs, es, gs, dA_acc
 
 
 @njit(**_KERNEL_OPTS)
-def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z, dim, groups, chunk, ckpt,
-                  dout, dlast, blocks_per_group, du, ddelta, dz, dA_rows, dD_rows, dbias_rows,
-                  dB_part, dC_part):
+def scan_backward(lo, hi, u, delta, delta_in, delta_w, lowrank, A, Bt, Ct, D, z, delta_bias, softplus, has_z,
+                  dim, groups, chunk, ckpt, dout, dlast, blocks_per_group, du, ddelta, dz, dA_rows, dD_rows,
+                  dbias_rows, dB_part, dC_part):
     """Fused reverse sweep of tasks lo..hi-1 (releases the GIL); inputs as in :func:`scan_forward`
     plus dout (rows, L), dlast (rows, NP).
 
-    Outputs: du, ddelta, dz (rows, L) (dz only if ``has_z``); per-row dA_rows (rows, NP), dD_rows,
+    Outputs: du, ddelta, dz (rows, L) (dz only if ``has_z``; with ``lowrank`` ddelta is the gradient of
+    the projected delta, the caller applies the projection's backward); per-row dA_rows (rows, NP), dD_rows,
     dbias_rows (rows,) (caller sums over batch); dB_part, dC_part (batch*groups*blocks_per_group, L,
     NP), one partial sum per block of channels of a group (caller sums the blocks); task = (batch *
     groups + group) * blocks_per_group + block. Each task owns its block, so there are no write
@@ -328,6 +350,7 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
     dy_buf = np.empty((R, chunk), dtype=np.float32)  # dL/d(<C, h> + D u)
     gu_buf = np.empty((R, chunk), dtype=np.float32)  # sum_n dL/dh_n B_n
     ga_buf = np.empty((R, chunk), dtype=np.float32)  # sum_n dL/d(dt A_n) A_n
+    raw_buf = np.empty((R, chunk), dtype=np.float32)  # delta + bias (the softplus argument)
     gs = np.empty((nblk, R, W), dtype=np.float32)  # dL/dh, carried backwards in time
     dA_acc = np.empty((nblk, R, W), dtype=np.float32)
     A1 = np.empty((nblk, R, W), dtype=np.float32)  # A of the rows
@@ -341,6 +364,7 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
         part = task % blocks_per_group
         b = bg // groups
         g = bg % groups
+        dt_in = delta_in[bg] if lowrank else delta_in[0]
         c0 = g * per_group + (part * per_group) // blocks_per_group
         c1 = g * per_group + ((part + 1) * per_group) // blocks_per_group
         dB_part[task] = _ZERO
@@ -365,7 +389,8 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
                 t1 = min(t0 + chunk, length)
                 m = t1 - t0
                 for r in range(R):
-                    _chunk_dt(delta, u, row[r], t0, t1, delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r])
+                    _chunk_dt(delta, dt_in, delta_w[chan[r] if lowrank else 0], lowrank, u, row[r], t0, t1,
+                              delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r], raw_buf[r], True)
                     for k in range(nblk):
                         for j in range(W):
                             hs[0, k, r, j] = ckpt[row[r], c, k * W + j]
@@ -394,7 +419,6 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
                              dB_part[task], dC_part[task], gu_buf, ga_buf)
                 for r in range(valid):
                     dd = D[chan[r]]
-                    bias = delta_bias[chan[r]]
                     u_row = u[row[r], t0:t1]
                     du_row = du[row[r], t0:t1]
                     dd_row = ddelta[row[r], t0:t1]
@@ -406,9 +430,9 @@ def scan_backward(lo, hi, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, has_z
                         dd_row[j0] = ga_r[j0] + gu_r[j0] * u_row[j0]  # sum_n (ga A[n] + gn B[n] u)
                     dD_acc[r] += acc
                     if softplus:
-                        d_row = delta[row[r], t0:t1]
+                        raw_r = raw_buf[r]
                         for j0 in range(m):
-                            dd_row[j0] *= _sigmoid(d_row[j0] + bias)
+                            dd_row[j0] *= _sigmoid(raw_r[j0])
                     acc = _ZERO
                     for j0 in range(m):
                         acc += dd_row[j0]

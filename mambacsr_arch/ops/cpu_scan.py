@@ -117,9 +117,11 @@ def _optional(x: Optional[torch.Tensor], shape: Tuple[int, ...], like: torch.Ten
 # kernels' layout (float32, rows = batch * dim, states padded to a multiple of ``W``); :func:`scan`
 # builds it from selective_scan's tensors with ordinary, differentiable torch ops.
 def _forward_kernels(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, Ct: torch.Tensor,
-              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-              softplus: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u, delta, z (rows, L); A (dim, NP); Bt, Ct (batch * groups, L, NP); D, delta_bias (dim,).
+                     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                     softplus: bool, delta_weight: Optional[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u, z (rows, L); delta (rows, L), or with ``delta_weight`` (dim, R) the projection's input
+    (batch * groups, R, L); A (dim, NP); Bt, Ct (batch * groups, L, NP); D, delta_bias (dim,).
     Returns out (rows, L), the last state (rows, NP) and the chunk checkpoints (rows, ceil(L / CHUNK), NP)."""
     kernels = _kernels()
     rows, length = u.shape
@@ -130,10 +132,17 @@ def _forward_kernels(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt: 
     last = u.new_empty((rows, padded))
     ckpt = u.new_empty((rows, _chunks(length), padded))
     row_blocks = batch * groups * math.ceil(dim // groups / kernels.R)  # see _cpu_kernels.block_rows
-    _run(kernels.scan_forward, row_blocks, _np(u), _np(delta), _np(A), _np(Bt), _np(Ct),
+    _run(kernels.scan_forward, row_blocks, *_delta_args(u, delta, delta_weight), _np(A), _np(Bt), _np(Ct),
          _np(_optional(D, (dim,), u)), _np(_optional(z, (1, 1), u)), _np(_optional(delta_bias, (dim,), u)),
          bool(softplus), z is not None, dim, groups, CHUNK, out.numpy(), last.numpy(), ckpt.numpy())
     return out, last, ckpt
+
+
+def _delta_args(u: torch.Tensor, delta: torch.Tensor, delta_weight: Optional[torch.Tensor]) -> Tuple[Any, ...]:
+    """The kernels' (u, delta, delta_in, delta_w, lowrank) arguments (placeholders for the unused form)."""
+    if delta_weight is None:
+        return _np(u), _np(delta), _np(u.new_zeros((1, 1, 1))), _np(u.new_zeros((1, 1))), False
+    return _np(u), _np(u.new_zeros((1, 1))), _np(delta), _np(delta_weight), True
 
 
 _scan_fwd = torch.library.custom_op('mambacsr::cpu_scan_fwd', _forward_kernels, mutates_args=(),
@@ -146,19 +155,20 @@ def _chunks(length: Any) -> Any:
 
 
 @_scan_fwd.register_fake
-def _scan_fwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus):
+def _scan_fwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, delta_weight):
     rows, length = u.shape
     padded = A.shape[1]
     return u.new_empty((rows, length)), u.new_empty((rows, padded)), u.new_empty((rows, _chunks(length), padded))
 
 
 def _backward_kernels(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, Ct: torch.Tensor,
-              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-              softplus: bool, ckpt: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                         torch.Tensor, torch.Tensor]:
+                      D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                      softplus: bool, delta_weight: Optional[torch.Tensor], ckpt: torch.Tensor, dout: torch.Tensor,
+                      dlast: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_forward_kernels` given those of out and last: du, ddelta, dA, dBt, dCt, dD, dz
-    (empty (0,) without z), ddelta_bias, each shaped like its input."""
+    (empty (0,) without z), ddelta_bias, each shaped like its input, except ddelta: (rows, L), the
+    gradient of the projected delta when ``delta_weight`` is given (see :func:`_gradients`)."""
     kernels = _kernels()
     rows, length = u.shape
     dim, padded = A.shape
@@ -174,11 +184,11 @@ def _backward_kernels(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt:
     dbias_rows = u.new_empty(rows)
     dB_part = u.new_empty((batch * groups * blocks, length, padded))
     dC_part = u.new_empty((batch * groups * blocks, length, padded))
-    _run(kernels.scan_backward, batch * groups * blocks, _np(u), _np(delta), _np(A), _np(Bt), _np(Ct),
-         _np(_optional(D, (dim,), u)), _np(_optional(z, (1, 1), u)), _np(_optional(delta_bias, (dim,), u)),
-         bool(softplus), has_z, dim, groups, CHUNK, _np(ckpt), _np(dout), _np(dlast), blocks, du.numpy(),
-         ddelta.numpy(), dz.numpy(), dA_rows.numpy(), dD_rows.numpy(), dbias_rows.numpy(), dB_part.numpy(),
-         dC_part.numpy())
+    _run(kernels.scan_backward, batch * groups * blocks, *_delta_args(u, delta, delta_weight), _np(A), _np(Bt),
+         _np(Ct), _np(_optional(D, (dim,), u)), _np(_optional(z, (1, 1), u)),
+         _np(_optional(delta_bias, (dim,), u)), bool(softplus), has_z, dim, groups, CHUNK, _np(ckpt), _np(dout),
+         _np(dlast), blocks, du.numpy(), ddelta.numpy(), dz.numpy(), dA_rows.numpy(), dD_rows.numpy(),
+         dbias_rows.numpy(), dB_part.numpy(), dC_part.numpy())
     parts = (batch * groups, blocks, length, padded)
     return (du, ddelta, dA_rows.view(batch, dim, padded).sum(0), dB_part.view(parts).sum(1),
             dC_part.view(parts).sum(1), dD_rows.view(batch, dim).sum(0), dz if has_z else u.new_empty(0),
@@ -190,17 +200,17 @@ _scan_bwd = torch.library.custom_op('mambacsr::cpu_scan_bwd', _backward_kernels,
 
 
 @_scan_bwd.register_fake
-def _scan_bwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, ckpt, dout, dlast):
+def _scan_bwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, delta_weight, ckpt, dout, dlast):
     dim = A.shape[0]
-    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(Bt),
+    return (torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(Bt),
             torch.empty_like(Ct), u.new_empty(dim), torch.empty_like(u) if z is not None else u.new_empty(0),
             u.new_empty(dim))
 
 
 def _scan_fwd_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
-    u, delta, A, Bt, Ct, D, z, delta_bias, softplus = inputs
+    u, delta, A, Bt, Ct, D, z, delta_bias, softplus, delta_weight = inputs
     ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, output[2])
+    ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, delta_weight, output[2])
     ctx.softplus = softplus
 
 
@@ -214,11 +224,21 @@ _scan_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, input
 
 def _gradients(ctx: Any, dout: torch.Tensor, dlast: torch.Tensor, backward: Callable[..., Tuple[torch.Tensor, ...]]):
     """Gradients of the forward's inputs (None for absent ones) by ``backward`` (the op or its kernels)."""
-    u, delta, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias = backward(u, delta, A, Bt, Ct, D, z, delta_bias, ctx.softplus, ckpt,
-                                                      dout, dlast)
+    u, delta, A, Bt, Ct, D, z, delta_bias, delta_weight, ckpt = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = backward(u, delta, A, Bt, Ct, D, z, delta_bias, ctx.softplus,
+                                                      delta_weight, ckpt, dout, dlast)
+    dweight = None
+    if delta_weight is not None:  # the projection's backward: two products per group of channels
+        rank, length = delta.shape[1:]
+        dim = delta_weight.shape[0]
+        groups = delta.shape[0] * dim // u.shape[0]
+        grad = ddelta.view(-1, groups, dim // groups, length)  # (batch, groups, dim / groups, L)
+        inputs = delta.view(-1, groups, rank, length)
+        dweight = torch.matmul(grad, inputs.transpose(-1, -2)).sum(0).view(dim, rank)
+        ddelta = torch.matmul(delta_weight.view(groups, dim // groups, rank).transpose(-1, -2), grad)
+        ddelta = ddelta.view(delta.shape)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            dbias if delta_bias is not None else None, None)
+            dbias if delta_bias is not None else None, None, dweight)
 
 
 def _scan_fwd_backward(ctx: Any, dout: torch.Tensor, dlast: torch.Tensor, _dckpt: Any):
@@ -255,8 +275,9 @@ def _kernel_layout(x: torch.Tensor, padded: int) -> torch.Tensor:
 
 def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
          D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-         delta_softplus: bool, return_last_state: bool):
-    """Full fused selective scan on CPU tensors (shapes as in ``selective_scan``, B/C 4-D).
+         delta_softplus: bool, return_last_state: bool, delta_weight: Optional[torch.Tensor] = None):
+    """Full fused selective scan on CPU tensors (shapes as in ``selective_scan``, B/C 4-D; with
+    ``delta_weight`` (dim, R), delta is (batch, groups, R, L) and projected inside the kernels).
 
     Not empty (the dispatcher answers empty inputs). Returns (out float32 (batch, dim, L), last_state
     (batch, dim, N) or None). Traceable by torch.compile: the kernels run inside two custom operators."""
@@ -272,8 +293,13 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         return _kernel_layout(x.transpose(2, 3).reshape(batch * groups, length, n_state), padded)
 
     forward = _scan_fwd if torch.compiler.is_compiling() else _EagerScan.apply
-    out, last, _ = forward(flat(u), flat(delta), _kernel_layout(A, padded), states_last(B), states_last(C),
+    if delta_weight is None:
+        delta = flat(delta)
+    else:
+        delta = delta.float().contiguous().view(batch * groups, delta.shape[2], length)
+        delta_weight = delta_weight.float().contiguous()
+    out, last, _ = forward(flat(u), delta, _kernel_layout(A, padded), states_last(B), states_last(C),
                            None if D is None else D.float(), flat(z),
-                           None if delta_bias is None else delta_bias.float(), bool(delta_softplus))
+                           None if delta_bias is None else delta_bias.float(), bool(delta_softplus), delta_weight)
     out = out.view(batch, dim, length)
     return out, (last[:, :n_state].reshape(batch, dim, n_state) if return_last_state else None)

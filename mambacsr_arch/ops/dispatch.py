@@ -45,7 +45,8 @@ class Backend:
     (with the fix); called once, then cached. run: the scan itself. auto: its rank in the automatic
     choice (lower first; None: only on request); why: the reason logged when chosen automatically;
     device_hint: added to the error when it is requested for tensors on another device; auto_devices:
-    the device types the automatic choice considers it for (None: all it runs on).
+    the device types the automatic choice considers it for (None: all it runs on); projects_delta: its
+    run takes ``delta_weight=`` and projects a low-rank delta itself (else the dispatcher projects it).
     """
     name: str
     devices: Optional[Callable[[], Tuple[str, ...]]]
@@ -55,6 +56,7 @@ class Backend:
     why: str = ''
     device_hint: str = ''
     auto_devices: Optional[Tuple[str, ...]] = None
+    projects_delta: bool = False
 
     def runs_on(self, device_type: str) -> bool:
         return self.devices is None or device_type in self.devices()
@@ -97,7 +99,8 @@ TABLE: Tuple[Backend, ...] = (
     Backend('mamba_ssm', lambda: ('cuda',), lambda: mamba_ssm_backend.unavailable_reason(), _run_mamba_ssm,
             auto=0, why='mamba_ssm imports'),
     Backend('cpu', lambda: ('cpu',), lambda: _cpu_module().unavailable_reason(),
-            lambda *args: _cpu_module().scan(*args), auto=2, why='the numba kernel imports'),
+            lambda *args, **kwargs: _cpu_module().scan(*args, **kwargs), auto=2, why='the numba kernel imports',
+            projects_delta=True),
     Backend('torch', None, _always, _unfused_runner(lambda: torch_scan.scan_core), auto=3,
             why='the portable PyTorch backend'),
     Backend('reference', None, _always, _unfused_runner(lambda: reference.scan_core), auto=None),
@@ -201,8 +204,18 @@ def _autocast_off(device_type: str):
 
 def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                   C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
-                  delta_bias: Optional[torch.Tensor]) -> None:
-    if u.dim() != 3 or delta.shape != u.shape:
+                  delta_bias: Optional[torch.Tensor], delta_weight: Optional[torch.Tensor]) -> None:
+    if delta_weight is not None:
+        if u.dim() != 3:
+            raise ValueError(f'selective_scan: u must be (batch, dim, L), got {tuple(u.shape)}')
+        batch, dim, length = u.shape
+        if delta_weight.dim() != 2 or delta_weight.shape[0] != dim:
+            raise ValueError(f'selective_scan: delta_weight must be (dim={dim}, R), got {tuple(delta_weight.shape)}')
+        wanted = (batch, B.shape[1], delta_weight.shape[1], length)
+        if tuple(delta.shape) != wanted:
+            raise ValueError(f'selective_scan: with delta_weight, delta must be (batch, groups, R, L) = {wanted} '
+                             f'(the groups of B and C), got {tuple(delta.shape)}')
+    elif u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f'selective_scan: u and delta must both be (batch, dim, L), got {tuple(u.shape)} '
                          f'and {tuple(delta.shape)}')
     batch, dim, length = u.shape
@@ -244,10 +257,19 @@ def _unfused(core, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     return y, last_state
 
 
+def project_delta(delta: torch.Tensor, delta_weight: torch.Tensor) -> torch.Tensor:
+    """The low-rank delta of :func:`selective_scan` made explicit: (batch, groups, R, L) and (dim, R) ->
+    (batch, dim, L), channel d of group g = d // (dim / groups) being delta_weight[d] @ delta[:, g]."""
+    batch, groups, rank, length = delta.shape
+    dim = delta_weight.shape[0]
+    return torch.matmul(delta_weight.view(groups, dim // groups, rank), delta).reshape(batch, dim, length)
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, backend: Optional[str] = None):
+                   return_last_state: bool = False, backend: Optional[str] = None,
+                   delta_weight: Optional[torch.Tensor] = None):
     """Selective scan with the semantics of ``mamba_ssm``'s ``selective_scan_fn``.
 
     u, delta, z: (batch, dim, L); A: (dim, N) real (<= 0 for a stable system); B, C: (batch, groups, N, L)
@@ -255,19 +277,32 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     ``delta_softplus``): h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = <C_t, h_t> + D u_t,
     out = y * silu(z). Math in float32 with autocast disabled; ``out`` has u's dtype. Returns out, or
     (out, last_state (batch, dim, N) float32) if ``return_last_state``. Differentiable in every tensor.
+
+    ``delta_weight`` (dim, R) (not in mamba_ssm): delta is then low-rank, (batch, groups, R, L) (or
+    (batch, R, L)) with the groups of B and C, and the scan's delta is :func:`project_delta` of it, as
+    Mamba's dt projection (without its bias: that is ``delta_bias``). The ``cpu`` backend projects
+    inside its kernel (no (batch, dim, L) delta is stored); the others get the projected tensor.
     """
     if B.dim() == 3:
         B = B.unsqueeze(1)
     if C.dim() == 3:
         C = C.unsqueeze(1)
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if delta_weight is not None and delta.dim() == 3:
+        delta = delta.unsqueeze(1)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, delta_weight)
     name = _choose(u.device.type, backend)
     if not name:  # an impossible request: resolve_backend raises its error again, in this frame
         name = resolve_backend(u.device, backend)[0]
     if u.numel() == 0:  # nothing to scan (no backend needs to handle it)
         out = u.new_zeros(u.shape)
         return (out, out.new_zeros(u.shape[:2] + (A.shape[1],), dtype=torch.float32)) if return_last_state else out
+    row = _ROWS[name]
     with _autocast_off(u.device.type):
-        out, last_state = _ROWS[name].run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        extra = {}
+        if delta_weight is not None and row.projects_delta:
+            extra['delta_weight'] = delta_weight
+        elif delta_weight is not None:
+            delta = project_delta(delta.float(), delta_weight.float())
+        out, last_state = row.run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, **extra)
         out = out.to(u.dtype)
     return (out, last_state) if return_last_state else out
