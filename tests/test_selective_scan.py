@@ -129,7 +129,7 @@ CASES: List[tuple] = [
     (3, 8, 16, 65, 2, False, True, False, True, True, False),
     (2, 6, 4, 130, 1, True, True, True, True, False, True),
     (1, 4, 16, 200, 4, False, False, False, True, True, False),
-    (1, 80, 16, 70, 1, True, True, True, True, True, False),  # cpu backward: 5 channels a task (R = 4, then 1)
+    (1, 160, 16, 70, 1, True, True, True, True, True, False),  # cpu backward: 10 channels a task (R = 8, then 2)
 ]
 
 
@@ -242,7 +242,7 @@ def test_cpu_results_do_not_depend_on_thread_count() -> None:
 # (batch, dim, N, L, groups, rank, D, z, delta_bias, softplus, return_last_state)
 LOW_RANK_CASES: List[tuple] = [
     (2, 8, 4, 70, 2, 3, True, True, True, True, True),
-    (1, 80, 16, 130, 1, 5, True, False, True, True, False),  # cpu backward: several tasks and row blocks
+    (1, 160, 16, 130, 1, 5, True, False, True, True, False),  # cpu backward: several tasks and row blocks
     (3, 6, 16, 65, 3, 2, False, True, False, False, True),
 ]
 

@@ -12,7 +12,7 @@ N padded to a multiple of ``W`` = 16 (padded states have A = 0, B = C = 0 and st
 
 Speed (cycles are counted per 8-wide state update in ``benchmarks/bench_scan.py``):
 
-* The recurrence ``h = exp(dt A) h + dt u B`` is latency-bound within one row, so ``R`` = 4 rows
+* The recurrence ``h = exp(dt A) h + dt u B`` is latency-bound within one row, so ``R`` = 8 rows
   (channels of one group, which share B and C) advance together: every inner loop runs over
   compile-time widths R x W, which LLVM unrolls over the rows and turns into SIMD code over the states.
   A row block is a fixed unit of work (``block_rows``), so each row's arithmetic never depends on
@@ -46,7 +46,9 @@ from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.extending import intrinsic
 
 W = 16  # SIMD width of the inner loops (states per block); 8 defeats LLVM's vectoriser
-R = 4  # rows advanced together (independent recurrences hide the latency of each other's chain)
+R = 8  # rows advanced together (independent recurrences hide the latency of each other's chain; measured
+# with the scan benchmark's MambaCSR case: 8 rows take 0.98x the forward and 0.90x the forward+backward
+# CPU time of 4; 16 rows 1.01x and 0.86x, but a group of few channels wastes more of a 16-row block)
 _F = np.float32
 _LOG2E = _F(1.4426950408889634)
 _Q1, _Q2, _Q3 = _F(0.6931470036506653), _F(0.24022242426872253), _F(0.05550733581185341)
@@ -148,18 +150,18 @@ def _sigmoid(x):
 def _chunk_dt(delta, dt_in, w, lowrank, u, i, t0, t1, bias, softplus, dt_buf, du_buf, raw_buf, keep_raw):
     """dt_buf[j] = softplus?(delta[i, t0 + j] + bias), du_buf[j] = dt_buf[j] * u[i, t0 + j] over one
     chunk (vectorised over the steps). ``lowrank``: delta[i] is not stored but projected here,
-    sum_r w[r] dt_in[r, t0 + j] (w: row i's weights (R,), dt_in: its batch and group's (R, L)).
+    sum_k w[k] dt_in[k, t0 + j] (w: row i's weights (rank,), dt_in: its batch and group's (rank, L)).
     ``keep_raw``: raw_buf[j] also gets the argument of the softplus (the backward's sigmoid)."""
     m = t1 - t0
     u_row = u[i, t0:t1]  # views indexed from 0: no negative-index wrap-around (which defeats SIMD loads)
     if lowrank:
         for j in range(m):
             dt_buf[j] = bias
-        for r in range(w.shape[0]):
-            wr = w[r]
-            x_row = dt_in[r, t0:t1]
+        for k in range(w.shape[0]):
+            wk = w[k]
+            x_row = dt_in[k, t0:t1]
             for j in range(m):
-                dt_buf[j] += wr * x_row[j]
+                dt_buf[j] += wk * x_row[j]
     else:
         d_row = delta[i, t0:t1]
         for j in range(m):
@@ -200,10 +202,11 @@ def _load_block_A(A, chan, A2):
 
 
 @njit(**_HOT_OPTS)
-def _advance(t0, m, Btg, Ctg, dt_buf, du_buf, A2, hs, es, ys, keep):
+def _advance(t0, m, Btg, Ctg, dt_buf, du_buf, A2, hs, es, ys, keep, want_y):
     """The recurrence of a block's R rows over ``m`` steps from t0 (forward and backward share it):
-    h = exp(dt A) h + dt u B and the outputs ys (R, m) = <C, h> without the D term. Btg, Ctg: (L, NP)
-    of the rows' batch and group; A2 = A log2(e) (nblk, R, W).
+    h = exp(dt A) h + dt u B and, if ``want_y``, the outputs ys (R, m) = <C, h> without the D term
+    (the backward needs them only for the gradient of z). Btg, Ctg: (L, NP) of the rows' batch and
+    group; A2 = A log2(e) (nblk, R, W).
 
     ``keep=False`` (forward): hs is (1, nblk, R, W), the running state, updated in place; es unused.
     ``keep=True`` (the backward's recomputation): hs (m + 1, nblk, R, W) gets every state from hs[0]
@@ -227,8 +230,10 @@ def _advance(t0, m, Btg, Ctg, dt_buf, du_buf, A2, hs, es, ys, keep):
                         es[j0, k, r, j] = e
                     hn = e * h_in[k, r, j] + dut * Btg[t, n]
                     h_out[k, r, j] = hn
-                    acc += hn * Ctg[t, n]
-                ys[r, j0] = acc if k == 0 else ys[r, j0] + acc
+                    if want_y:
+                        acc += hn * Ctg[t, n]
+                if want_y:
+                    ys[r, j0] = acc if k == 0 else ys[r, j0] + acc
 
 
 @njit(**_KERNEL_OPTS)
@@ -236,10 +241,10 @@ def scan_forward(lo, hi, u, delta, delta_in, delta_w, lowrank, A, Bt, Ct, D, z, 
                  dim, groups, chunk, out, last, ckpt):
     """Fused forward of row blocks lo..hi-1 (see :func:`block_rows`; releases the GIL). u, out:
     (rows, L); delta: (rows, L), or with ``lowrank`` (then delta is any 2-D array) projected here from
-    delta_in (batch*groups, R, L) by delta_w (dim, R) (else any 3-D and 2-D arrays); z: (rows, L) if ``has_z`` (else any 2-D array);
-    A: (dim, NP); Bt, Ct: (batch*groups, L, NP); D, delta_bias: (dim,) (zeros when absent). Writes
-    out = (<C, h> + D u) * silu(z), last (rows, NP) and ckpt (rows, n_chunks, NP), the state before
-    each chunk of ``chunk`` steps."""
+    delta_in (batch*groups, rank, L) by delta_w (dim, rank) (else any 3-D and 2-D arrays); z: (rows, L)
+    if ``has_z`` (else any 2-D array); A: (dim, NP); Bt, Ct: (batch*groups, L, NP); D, delta_bias:
+    (dim,) (zeros when absent). Writes out = (<C, h> + D u) * silu(z), last (rows, NP) and ckpt (rows,
+    n_chunks, NP), the state before each chunk of ``chunk`` steps."""
     length = u.shape[1]
     nblk = A.shape[1] // W
     n_chunks = ckpt.shape[1]
@@ -266,7 +271,7 @@ def scan_forward(lo, hi, u, delta, delta_in, delta_w, lowrank, A, Bt, Ct, D, z, 
                         ckpt[row[r], c, k * W + j] = h[k, r, j]
                 _chunk_dt(delta, dt_in, delta_w[chan[r] if lowrank else 0], lowrank, u, row[r], t0, t1,
                           delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r], ys[r], False)
-            _advance(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, hs, ys, False)  # es: not touched
+            _advance(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, hs, ys, False, True)  # es: not touched
             for r in range(valid):  # a spare slot repeats its block's last row: nothing to write
                 dd = D[chan[r]]
                 y_r = ys[r]
@@ -394,7 +399,7 @@ def scan_backward(lo, hi, u, delta, delta_in, delta_w, lowrank, A, Bt, Ct, D, z,
                     for k in range(nblk):
                         for j in range(W):
                             hs[0, k, r, j] = ckpt[row[r], c, k * W + j]
-                _advance(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, es, dy_buf, True)
+                _advance(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, es, dy_buf, True, has_z)
                 for r in range(R):
                     dy_r = dy_buf[r]
                     dout_row = dout[row[r], t0:t1]
