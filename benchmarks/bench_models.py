@@ -56,11 +56,11 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import mambacsr_arch  # noqa: F401  (first import: the thread policy before torch loads; registers MambaCSR, HAT)
 import torch
+from basicsr.archs import build_network
 from torch import nn
 
-import mambacsr_arch  # noqa: F401  (registers MambaCSR and HAT; import before basicsr)
-from basicsr.archs import build_network
 from mambacsr_arch import ops
 
 MAMBACSR = dict(type='MambaCSR', img_size=64, in_chans=3, upscale=4, embed_dim=180, d_state=16, scan_size=8,
@@ -375,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, os.cpu_count() {os.cpu_count()}, '
           f'load average {os.getloadavg()[0]:.1f}; x4, batch 1, float32, eval mode; '
           f'median of {repeats} forwards; training steps at LR {train_sizes or "-"}, batch {args.train_batch}; '
-          f'malloc tunables: {malloc}')
+          f'malloc tunables: {malloc}; OMP_WAIT_POLICY {os.environ.get("OMP_WAIT_POLICY", "unset")}')
     rows = []
     for name in devices:
         device = torch.device(name)

@@ -34,9 +34,8 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import mambacsr_arch  # noqa: F401  (first import: the thread policy before torch loads; shims before basicsr)
 import torch
-
-import mambacsr_arch  # noqa: F401  (shims, before anything that imports basicsr)
 from mambacsr_arch.ops import available_backends, selective_scan
 
 DIM, N_STATE, GROUPS, LENGTH = 720, 16, 4, 4096

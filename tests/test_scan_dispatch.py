@@ -207,3 +207,40 @@ def test_cpu_kernel_failure_names_the_way_out(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(cpu_scan._kernels(), 'scan_forward', broken)
     with pytest.raises(RuntimeError, match='unsupported CPU.*MAMBACSR_SCAN_BACKEND=torch'):
         selective_scan(*small_inputs(), backend='cpu')
+
+
+@pytest.mark.skipif(available_backends()['cpu'] is not None, reason='numba missing')
+@pytest.mark.parametrize('spinning', [True, False])
+def test_cpu_scan_says_once_when_openmp_threads_spin(spinning: bool, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """torch imported before mambacsr_arch without OMP_WAIT_POLICY: idle OpenMP threads spin beside the
+    scan's pool; its first multi-threaded call says so, with the fix, once per process."""
+    monkeypatch.setattr(mambacsr_arch, 'OMP_THREADS_SPIN', spinning)
+    monkeypatch.setattr(cpu_scan, '_SPIN_NOTED', False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        u = torch.randn(1, 16, 40)
+        with caplog.at_level(logging.WARNING, logger='basicsr'):
+            for _ in range(2):
+                selective_scan(u, torch.rand(1, 16, 40), -torch.rand(16, 4), torch.randn(1, 4, 40),
+                               torch.randn(1, 4, 40), backend='cpu')
+    finally:
+        torch.set_num_threads(previous)
+    records = [r for r in caplog.records if 'OMP_WAIT_POLICY' in r.getMessage()]
+    assert len(records) == (1 if spinning else 0)
+    if spinning:
+        assert 'OMP_WAIT_POLICY=PASSIVE' in records[0].getMessage() and 'before torch' in records[0].getMessage()
+
+
+def test_package_import_sets_the_thread_policy_only_before_torch() -> None:
+    """A fresh interpreter: importing mambacsr_arch first sets PASSIVE (no spin flag); importing torch first
+    leaves the environment alone and raises the flag the cpu scan reports."""
+    code = ('import os, sys; os.environ.pop("OMP_WAIT_POLICY", None); first = sys.argv[1]\n'
+            'import importlib; importlib.import_module(first)\n'
+            'import mambacsr_arch\n'
+            'print(os.environ.get("OMP_WAIT_POLICY"), mambacsr_arch.OMP_THREADS_SPIN)')
+    env = {k: v for k, v in __import__('os').environ.items() if k != 'OMP_WAIT_POLICY'}
+    outputs = [subprocess.run([sys.executable, '-c', code, first], capture_output=True, text=True, env=env,
+                              check=True).stdout.split() for first in ('mambacsr_arch', 'torch')]
+    assert outputs == [['PASSIVE', 'False'], ['None', 'True']]

@@ -12,6 +12,7 @@ says so and the dispatch falls back to the ``torch`` backend.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
 import threading
@@ -30,6 +31,7 @@ _KERNELS: Optional[ModuleType] = None
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Tuple[int, int] = (0, 0)  # (pid, workers) of _POOL: a forked child builds its own
 _POOL_LOCK = threading.Lock()
+_SPIN_NOTED = False  # the spinning-OpenMP-threads warning was logged (once per process)
 
 
 def _kernels() -> ModuleType:
@@ -56,12 +58,29 @@ def _run(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
                            f"backend instead: backend='torch' or MAMBACSR_SCAN_BACKEND=torch") from exc
 
 
+def _note_spinning_threads() -> None:
+    """Log once per process that torch's OpenMP threads spin beside the scan's pool (see
+    ``mambacsr_arch.OMP_THREADS_SPIN``), with the fix."""
+    global _SPIN_NOTED
+    import mambacsr_arch
+
+    if _SPIN_NOTED or not mambacsr_arch.OMP_THREADS_SPIN:
+        return
+    _SPIN_NOTED = True
+    logging.getLogger('basicsr').warning(
+        'torch was imported before mambacsr_arch and OMP_WAIT_POLICY is not set, so torch\'s idle OpenMP '
+        'threads spin on the cores the cpu selective scan\'s threads need (its calls take up to ~1.5x as long; '
+        'much longer beside another busy process). Set OMP_WAIT_POLICY=PASSIVE in the environment, or import '
+        'mambacsr_arch before torch.')
+
+
 def _run_pieces(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     global _POOL, _POOL_KEY
     threads = max(1, min(torch.get_num_threads(), n_items))
     if threads == 1:
         kernel(0, n_items, *args)
         return
+    _note_spinning_threads()
     pieces = min(n_items, PIECES_PER_THREAD * threads)
     bounds = [n_items * k // pieces for k in range(pieces + 1)]
     with _POOL_LOCK:
