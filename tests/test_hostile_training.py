@@ -92,6 +92,10 @@ def _nan_worker(rank: int, world: int, init_file: str, root: str) -> None:
         model.optimize_parameters(2)
     (pathlib.Path(root) / f'rank{rank}.txt').write_text(str(info.value))
     torch.distributed.destroy_process_group()
+    # every collective is done; skip the interpreter's teardown, where a rank whose DDP forward had no
+    # backward sometimes aborts in C++ ("terminate called without an active exception", ~1 run in 8 under
+    # load, also before this session's changes): the report above is what this test checks
+    os._exit(0)
 
 
 @pytest.mark.slow  # two spawned processes: ~45 s on 2 shared cores

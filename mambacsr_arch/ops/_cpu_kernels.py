@@ -2,8 +2,8 @@
 
 Everything of ``selective_scan_fn`` is fused: delta_bias and softplus, the recurrence, D and the
 silu(z) gate, forward and backward, so no (batch, dim, L) temporaries are made besides the outputs;
-so is a low-rank delta's projection (``delta_weight``: dt = w_d . delta_in[:, t], R multiply-adds a
-step, vectorised over the steps of a chunk), so that a model's (batch, dim, L) dt tensor is never
+so is a low-rank delta's projection (``delta_weight``: dt = w_d . delta_in[:, t], one multiply-add per
+rank and step, vectorised over the steps of a chunk), so that a model's (batch, dim, L) dt tensor is never
 stored either (the backward still returns the gradient of the projected delta; its caller applies
 the projection's backward as two matrix products).
 Layout (all float32, C-contiguous): rows ``i = b * dim + d`` of u, delta, z, out (rows, L); A (dim, NP);
@@ -270,7 +270,7 @@ def scan_forward(lo, hi, u, delta, delta_in, delta_w, lowrank, A, Bt, Ct, D, z, 
                     for j in range(W):
                         ckpt[row[r], c, k * W + j] = h[k, r, j]
                 _chunk_dt(delta, dt_in, delta_w[chan[r] if lowrank else 0], lowrank, u, row[r], t0, t1,
-                          delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r], ys[r], False)
+                          delta_bias[chan[r]], softplus, dt_buf[r], du_buf[r], ys[r], False)  # raw: unused
             _advance(t0, m, Bt[bg], Ct[bg], dt_buf, du_buf, A2, hs, hs, ys, False, True)  # es: not touched
             for r in range(valid):  # a spare slot repeats its block's last row: nothing to write
                 dd = D[chan[r]]
