@@ -31,7 +31,7 @@ _KERNELS: Optional[ModuleType] = None
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Tuple[int, int] = (0, 0)  # (pid, workers) of _POOL: a forked child builds its own
 _POOL_LOCK = threading.Lock()
-_SPIN_NOTED = False  # the spinning-OpenMP-threads warning was logged (once per process)
+_SPIN_NOTED = False  # the spinning-OpenMP-threads check ran (and warned if needed; once per process)
 
 
 def _kernels() -> ModuleType:
@@ -62,11 +62,13 @@ def _note_spinning_threads() -> None:
     """Log once per process that torch's OpenMP threads spin beside the scan's pool (see
     ``mambacsr_arch.OMP_THREADS_SPIN``), with the fix."""
     global _SPIN_NOTED
-    import mambacsr_arch
-
-    if _SPIN_NOTED or not mambacsr_arch.OMP_THREADS_SPIN:
+    if _SPIN_NOTED:  # checked once: the policy cannot change after torch has loaded
         return
     _SPIN_NOTED = True
+    import mambacsr_arch
+
+    if not mambacsr_arch.OMP_THREADS_SPIN:
+        return
     logging.getLogger('basicsr').warning(
         'torch was imported before mambacsr_arch and OMP_WAIT_POLICY is not set, so torch\'s idle OpenMP '
         'threads spin on the cores the cpu selective scan\'s threads need (its calls take up to ~1.5x as long; '

@@ -298,11 +298,9 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         return (out, out.new_zeros(u.shape[:2] + (A.shape[1],), dtype=torch.float32)) if return_last_state else out
     row = _ROWS[name]
     with _autocast_off(u.device.type):
-        extra = {}
-        if delta_weight is not None and row.projects_delta:
-            extra['delta_weight'] = delta_weight
-        elif delta_weight is not None:
-            delta = project_delta(delta.float(), delta_weight.float())
+        if delta_weight is not None and not row.projects_delta:
+            delta, delta_weight = project_delta(delta.float(), delta_weight.float()), None
+        extra = {} if delta_weight is None else {'delta_weight': delta_weight}
         out, last_state = row.run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, **extra)
         out = out.to(u.dtype)
     return (out, last_state) if return_last_state else out
