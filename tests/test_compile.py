@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mambacsr_arch  # noqa: F401  (shims before anything else)
-from mambacsr_arch.archs.mambacsr_arch import MambaCSR
+from mambacsr_arch.archs.mambacsr.arch import MambaCSR
 from mambacsr_arch.ops import ENV_VAR, available_backends, cpu_scan, dispatch, selective_scan
 
 HAS_NUMBA = available_backends()['cpu'] is None

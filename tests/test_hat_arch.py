@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY, Registry
 
-from mambacsr_arch.archs.hat_arch import HAT, relative_position_index_oca, relative_position_index_sa
-from mambacsr_arch.archs.hat_checkpoint import infer_hat_options
+from mambacsr_arch.archs.hat.arch import HAT, relative_position_index_oca, relative_position_index_sa
+from mambacsr_arch.archs.hat.checkpoint import infer_hat_options
 from mambacsr_arch.registry import register
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_attention_mask_cached_per_size(golden):
 
 
 def test_use_checkpoint_gives_same_gradients(monkeypatch):
-    from mambacsr_arch.archs import hat_blocks
+    from mambacsr_arch.archs.hat import blocks as hat_blocks
 
     calls = []
     real_checkpoint = hat_blocks.torch_checkpoint.checkpoint
@@ -232,7 +232,7 @@ def test_foreign_hat_registered_before_import_subprocess(tmp_path):
             import hat
             import mambacsr_arch
         from basicsr.utils.registry import ARCH_REGISTRY
-        from mambacsr_arch.archs.hat_arch import HAT
+        from mambacsr_arch.archs.hat.arch import HAT
         assert ARCH_REGISTRY.get('HAT') is hat.HAT
         assert ARCH_REGISTRY.get('mambacsr_arch.HAT') is HAT
         assert any('mambacsr_arch.HAT' in str(w.message) for w in caught), [str(w.message) for w in caught]

@@ -17,8 +17,8 @@ import yaml
 import mambacsr_arch  # noqa: F401  (registers the archs before basicsr builds anything)
 from basicsr.utils import options as basicsr_options
 from helpers_images import make_image_folder
-from mambacsr_arch.archs.hat_arch import HAT
-from mambacsr_arch.archs.mambacsr_arch import MambaCSR
+from mambacsr_arch.archs.hat.arch import HAT
+from mambacsr_arch.archs.mambacsr.arch import MambaCSR
 from mambacsr_arch.cli import runtime
 from mambacsr_arch.cli.main import main as cli_main
 from mambacsr_arch.cli.option_checks import OptionError

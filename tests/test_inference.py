@@ -131,7 +131,7 @@ def photo_pair():
 
 @pytest.fixture(scope='module')
 def tiny_mambacsr():
-    from mambacsr_arch.archs.mambacsr_arch import MambaCSR
+    from mambacsr_arch.archs.mambacsr.arch import MambaCSR
 
     torch.manual_seed(0)
     body = MambaCSR(upscale=4, embed_dim=24, d_state=4, scan_size=4, depths=[1], depths2=[1], mlp_ratio=1.0,

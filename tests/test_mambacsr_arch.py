@@ -7,8 +7,9 @@ import torch
 import mambacsr_arch  # noqa: F401  (shims before basicsr)
 from basicsr.utils.registry import ARCH_REGISTRY
 from mambacsr_arch import ops
-from mambacsr_arch.archs.dis_blocks import CrossScaleBlock, DISBlock, dis_directions
-from mambacsr_arch.archs.mambacsr_arch import MambaCSR, infer_mambacsr_config
+from mambacsr_arch.archs.mambacsr.blocks import CrossScaleBlock, DISBlock, dis_directions
+from mambacsr_arch.archs.mambacsr.arch import MambaCSR
+from mambacsr_arch.archs.mambacsr.checkpoint import infer_mambacsr_config
 
 GOLDEN = osp.join(osp.dirname(__file__), 'data', 'golden')
 TINY = dict(embed_dim=24, depths=[1], depths2=[1], d_state=4, upscale=2, img_range=1., upsampler='pixelshuffle',

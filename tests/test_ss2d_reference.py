@@ -8,7 +8,7 @@ and sizes with clipped border windows.
 import pytest
 import torch
 
-from mambacsr_arch.archs.ss2d import SS2D
+from mambacsr_arch.archs.mambacsr.ss2d import SS2D
 
 CASES = [
     # (directions, d_conv, cross_scale, size)

@@ -1,3 +1,3 @@
-"""Architectures; importing this package registers them in BasicSR's ARCH_REGISTRY."""
-from . import hat_arch  # noqa: F401,E402  (registers HAT)
-from . import dis_blocks, mambacsr_arch  # noqa: F401,E402  (registers DISBlock, CrossScaleBlock, MambaCSR)
+"""Architectures, one folder each (``arch.py`` the registered network, ``blocks.py``, ``checkpoint.py``
+what its state dicts show); importing this package registers them in BasicSR's ARCH_REGISTRY."""
+from . import hat, mambacsr  # noqa: F401  (registers HAT; DISBlock, CrossScaleBlock, MambaCSR)

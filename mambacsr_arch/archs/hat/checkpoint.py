@@ -12,7 +12,20 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
-from .state_dict_report import foreign_checkpoint, format_mismatch
+from ..state_dict_report import DetectionError, assume, foreign_checkpoint, format_mismatch, need
+
+ARCH = 'HAT'
+#: Key fragments only HAT's state dicts have (the overlapping cross-attention).
+MARKERS = ('.overlap_attn.', )
+#: Options shown in the one-line detection summary.
+SUMMARY = ('embed_dim', 'depths', 'num_heads', 'window_size', 'compress_ratio', 'squeeze_factor', 'overlap_ratio',
+           'mlp_ratio', 'upsampler', 'resi_connection', 'in_chans')
+
+ASSUMED = {
+    'img_range': (1., 'input range'),
+    'qk_scale': (None, 'attention scale (None: head_dim ** -0.5)'),
+    'conv_scale': (0.01, 'weight of the convolution branch'),
+}
 
 _BLOCK_KEY = re.compile(r'^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.')
 _UPSAMPLE_KEY = re.compile(r'^upsample\.(\d+)\.weight$')
@@ -127,3 +140,19 @@ def describe_mismatch(model_options: Mapping[str, Any], state_dict: Mapping[str,
                             wrong_shape, hints, 'no hyper-parameter difference detected: is this a HAT checkpoint, '
                             "and is path.param_key_g right ('params' or 'params_ema')?")
     return '\n'.join(lines)
+
+
+def options_from_state(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, Any], List[str]]:
+    found = {name: value for name, (value, _) in infer_hat_options(sd).items()}
+    need('HAT', found, ('embed_dim', 'in_chans', 'depths', 'num_heads', 'window_size', 'compress_ratio',
+                         'squeeze_factor', 'overlap_ratio', 'mlp_ratio', 'upscale', 'upsampler', 'resi_connection'),
+          list(sd))
+    kwargs = dict(found)
+    assumptions = assume(ASSUMED, kwargs)
+    if found.get('ape'):  # absolute_pos_embed (1, patches, C) fixes the (square) training size
+        side = math.isqrt(int(sd['absolute_pos_embed'].shape[1]))
+        kwargs['img_size'] = side
+    else:  # nominal only; the constructor needs img_size >= window_size
+        kwargs['img_size'] = max(64, int(found['window_size']))
+        assumptions.append(f"img_size={kwargs['img_size']} (nominal training size; any input size runs)")
+    return kwargs, assumptions

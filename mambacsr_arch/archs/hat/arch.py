@@ -27,10 +27,10 @@ from basicsr.archs.swinir_arch import UpsampleOneStep, window_partition
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from ..registry import registers
-from .hat_blocks import RHAG
-from .hat_checkpoint import describe_mismatch
-from .layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
+from ...registry import registers
+from .blocks import RHAG
+from .checkpoint import describe_mismatch
+from ..layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
 
 UPSAMPLERS = ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv', '')
 RPI_KEYS = ('relative_position_index_SA', 'relative_position_index_OCA')

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .. import dis, ops
-from .layers import channels_last_weight_
+from ... import dis, ops
+from ..layers import channels_last_weight_
 
 __all__ = ['DirectionGate', 'SS2D']
 

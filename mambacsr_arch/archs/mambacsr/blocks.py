@@ -21,8 +21,8 @@ from basicsr.archs.swinir_arch import DropPath, Mlp
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from ..registry import registers
-from .layers import CAB, make_resi_conv
+from ...registry import registers
+from ..layers import CAB, make_resi_conv
 from .ss2d import SS2D
 
 __all__ = ['dis_directions', 'DISBlock', 'CrossScaleBlock', 'DISLayer', 'ResidualDISGroup']

@@ -4,7 +4,7 @@ cross-attention block (OCAB) and the residual hybrid attention group (RHAG).
 
 Module and parameter names follow the official checkpoints (XPixelGroup/HAT) so released
 weights load with ``strict=True``. Tokens are (B, H*W, C) with H, W multiples of the window
-size; :class:`mambacsr_arch.archs.hat_arch.HAT` pads to that before calling these blocks.
+size; :class:`mambacsr_arch.archs.hat.arch.HAT` pads to that before calling these blocks.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from basicsr.archs.swinir_arch import DropPath, Mlp, window_partition, window_re
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
-from .layers import CAB, PatchEmbed, PatchUnEmbed, make_resi_conv
+from ..layers import CAB, PatchEmbed, PatchUnEmbed, make_resi_conv
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
