@@ -15,6 +15,9 @@ return_last_state=False, backend=None, delta_weight=None)``
     That projection, made explicit.
 ``available_backends() -> dict[str, str | None]``
     Backend name -> None if usable here, else the reason (with the install command).
+``use_backend(name)``
+    Context manager: the backend of every call without ``backend=`` inside the block (one scoped
+    setting; models store none).
 ``resolve_backend(device, backend=None) -> (name, reason)``
     The backend :func:`selective_scan` would use for tensors on ``device``.
 
@@ -34,7 +37,7 @@ Backends
                Triton ships with CUDA builds of PyTorch. ``TRITON_INTERPRET=1`` runs it on CPU
                tensors through Triton's interpreter (slow; how CI tests it).
 
-Selection: ``backend=`` argument > ``MAMBACSR_SCAN_BACKEND`` environment variable > automatic
+Selection: ``backend=`` argument > innermost ``use_backend`` block > ``MAMBACSR_SCAN_BACKEND`` environment variable > automatic
 (``mamba_ssm`` for CUDA if importable, else ``triton`` if its kernels run on the GPU, else ``torch``;
 ``cpu`` for CPU tensors if numba imports else ``torch``). The choice is logged once per process on
 the ``basicsr`` logger. The backends are rows of ``dispatch.TABLE``: a new backend is one module
@@ -46,6 +49,8 @@ the ``cpu`` backend's kernels are the custom operators ``torch.ops.mambacsr.cpu_
 ``cpu_scan_bwd`` with fake shapes and an autograd formula, so the scan causes no graph break, in
 inference or training (``tests/test_compile.py``).
 """
-from .dispatch import BACKENDS, ENV_VAR, available_backends, project_delta, resolve_backend, selective_scan
+from .dispatch import (BACKENDS, ENV_VAR, available_backends, project_delta, resolve_backend, selective_scan,
+                       use_backend)
 
-__all__ = ['selective_scan', 'project_delta', 'available_backends', 'resolve_backend', 'BACKENDS', 'ENV_VAR']
+__all__ = ['selective_scan', 'project_delta', 'available_backends', 'resolve_backend', 'use_backend', 'BACKENDS',
+           'ENV_VAR']

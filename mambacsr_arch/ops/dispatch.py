@@ -3,8 +3,10 @@
 Selection rule (first that applies):
 
 1. the ``backend=`` argument;
-2. the environment variable ``MAMBACSR_SCAN_BACKEND``;
-3. automatic: the first usable row of :data:`TABLE` by ``auto`` rank that runs on the tensors'
+2. the innermost :func:`use_backend` block (one scoped setting, as timm's ``set_exportable``: a model
+   never stores a backend; ``basicsr export`` runs inside ``use_backend(...)``);
+3. the environment variable ``MAMBACSR_SCAN_BACKEND``;
+4. automatic: the first usable row of :data:`TABLE` by ``auto`` rank that runs on the tensors'
    device: CUDA tensors use ``mamba_ssm`` if it imports, else ``triton`` if it imports and its
    kernels run on the GPU (checked once with a tiny scan), else ``torch``; CPU tensors use ``cpu``
    (the numba kernel) if numba imports, else ``torch``; other devices use ``torch``.
@@ -30,6 +32,7 @@ ENV_VAR = 'MAMBACSR_SCAN_BACKEND'
 logger = logging.getLogger('basicsr')
 _LOGGED: Set[Tuple[str, str]] = set()
 _AVAILABILITY: Dict[str, Optional[str]] = {}  # backend -> None or reason; probed once per process
+_SCOPED: list = []  # the use_backend() stack, innermost last
 
 # run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state) -> (out, last_state or None);
 # B, C are 4-D; out may be in any float dtype (the dispatcher casts it to u's dtype)
@@ -135,6 +138,23 @@ def _others_for(device_type: str) -> str:
     return ' or '.join(f"'{row.name}'" for row in TABLE if row.auto_for(device_type))
 
 
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Within the block, every :func:`selective_scan` call without ``backend=`` uses ``name`` (``None``:
+    the automatic choice, even if ``MAMBACSR_SCAN_BACKEND`` is set). Nested blocks: the innermost wins.
+
+    Raises ValueError at once for an unknown name. Under torch.compile the backend is read while
+    Dynamo traces: compile inside the block.
+    """
+    if name is not None and name not in _ROWS:
+        raise ValueError(f"unknown selective-scan backend '{name}'; choose one of {', '.join(BACKENDS)}")
+    _SCOPED.append(name)
+    try:
+        yield
+    finally:
+        _SCOPED.pop()
+
+
 def resolve_backend(device: Union[torch.device, str, None],
                     backend: Optional[str] = None) -> Tuple[str, str]:
     """Apply the selection rule for tensors on ``device``; return (backend name, human reason).
@@ -144,7 +164,11 @@ def resolve_backend(device: Union[torch.device, str, None],
     """
     dev = _device_type(device)
     source = 'backend= argument'
-    if backend is None and os.environ.get(ENV_VAR):
+    if backend is None and _SCOPED:
+        backend, source = _SCOPED[-1], 'use_backend()'
+        if backend is None:  # an explicit "automatic" block: the environment variable does not apply
+            source = ''
+    if backend is None and source and os.environ.get(ENV_VAR):
         backend, source = os.environ[ENV_VAR].strip(), f'{ENV_VAR} environment variable'
     if backend is not None:
         row = _ROWS.get(backend)
