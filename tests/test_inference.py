@@ -11,7 +11,7 @@ import mambacsr_arch  # noqa: F401  (shims before basicsr)
 from basicsr.metrics import calculate_psnr
 from helpers_images import photo_bgr
 from mambacsr_arch.data.degradations import degrade_csr
-from mambacsr_arch.models.inference import restore_image, tile_grid
+from mambacsr_arch.models.inference import restore_image
 
 
 class NearestX4(nn.Module):
@@ -64,12 +64,36 @@ def test_tiled_equals_whole_for_a_local_net(size, tile, overlap):
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-6)
 
 
-def test_tile_grid_covers_image_with_min_overlap():
-    grid = tile_grid(70, 45, 32, 8)
-    ys, xs = sorted({y for y, _ in grid}), sorted({x for _, x in grid})
+class CornerRecorder(nn.Module):
+    """Nearest x4; records each tile's top-left LR corner, read from the coordinate-valued input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.corners = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.corners.append((int(x[0, 0, 0, 0]), int(x[0, 1, 0, 0]), x.shape[-2], x.shape[-1]))
+        return F.interpolate(x, scale_factor=4, mode='nearest')
+
+
+def coordinate_image(h: int, w: int) -> torch.Tensor:
+    """(1, 3, h, w): channel 0 holds the row index, channel 1 the column index."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing='ij')
+    return torch.stack([ys, xs, torch.zeros_like(ys)])[None]
+
+
+def test_tiles_cover_the_image_with_min_overlap():
+    """The engine's own tiles (recorded by the network): every pixel covered, neighbours overlap >= 8 px."""
+    net = CornerRecorder()
+    lq = coordinate_image(70, 45)
+    out = restore_image(net, lq, 4, tile_size=32, tile_overlap=8)
+    assert torch.equal(out, F.interpolate(lq, scale_factor=4, mode='nearest'))  # blending a local net is exact
+    assert {(th, tw) for _, _, th, tw in net.corners} == {(32, 32)}
+    ys, xs = sorted({y for y, _, _, _ in net.corners}), sorted({x for _, x, _, _ in net.corners})
     assert ys[0] == 0 and ys[-1] + 32 == 70 and xs[0] == 0 and xs[-1] + 32 == 45
     assert all(b - a <= 32 - 8 for a, b in zip(ys, ys[1:]))
     assert all(b - a <= 32 - 8 for a, b in zip(xs, xs[1:]))
+    assert len(net.corners) == len(ys) * len(xs)
 
 
 def test_padding_to_multiple_and_tiny_image_fallback():
@@ -143,8 +167,10 @@ def tiny_mambacsr():
 def test_tiled_psnr_within_005_db_of_whole_on_photo(photo_pair, tiny_mambacsr):
     gt, lq = photo_pair
     whole = restore_image(tiny_mambacsr, lq, 4)
+    recorder = CornerRecorder()
+    restore_image(recorder, coordinate_image(32, 32), 4, tile_size=20, tile_overlap=6)
+    assert len(recorder.corners) == 4  # a 2 x 2 grid of tiles
     tiled = restore_image(tiny_mambacsr, lq, 4, tile_size=20, tile_overlap=6)
-    assert len(tile_grid(32, 32, 20, 6)) == 4
     psnr_whole = calculate_psnr(to_bgr(whole), gt, 4, test_y_channel=True)
     psnr_tiled = calculate_psnr(to_bgr(tiled), gt, 4, test_y_channel=True)
     assert abs(psnr_whole - psnr_tiled) <= 0.05, (psnr_whole, psnr_tiled)

@@ -95,9 +95,14 @@ def test_option_file_cli_flags_and_model_agree(case, tmp_path):
     from_file = infer_setup(['--weights', 'w.pth'], opt, tmp_path)
     from_flags = infer_setup(['--weights', 'w.pth', '--scale', '4', '--arch', 'HAT'] + flags)
     assert model.inference_settings == from_file.settings == from_flags.settings == expected
+    # the engine itself: `basicsr test`'s model.test() and infer's restore give the same pixels
     net = model.net_g
-    assert model.inference_kwargs(net) == infer_cli.restore_kwargs(from_file, net) \
-        == infer_cli.restore_kwargs(from_flags, net)
+    lq = torch.rand(1, 3, 19, 23, generator=torch.Generator().manual_seed(0))
+    model.feed_data({'lq': lq})
+    model.test()
+    via_infer = restore_image(net, lq, 4, **from_flags.settings.restore_kwargs(net))
+    assert model.output.shape == via_infer.shape == (1, 3, 76, 92)
+    assert torch.equal(model.output.float(), via_infer.float())
     assert model.inference_kwargs(net)['pad_multiple'] == (expected.pad_multiple or 4)  # HAT declares window_size
 
 

@@ -281,13 +281,6 @@ def restore_image(net: nn.Module, lq: torch.Tensor, scale: int, *, tile_size: Op
         return _restore_tiled(net, lq, scale, tile_size, tile_overlap, pad_multiple)
 
 
-def tile_grid(h: int, w: int, tile_size: int, tile_overlap: int) -> Sequence[Tuple[int, int]]:
-    """Top-left corners (y, x) of the tiles :func:`restore_image` uses for an h x w LR image."""
-    th, tw = min(tile_size, h), min(tile_size, w)
-    overlap = max(0, min(tile_overlap, tile_size - 1))
-    return [(y, x) for y in _tile_starts(h, th, overlap) for x in _tile_starts(w, tw, overlap)]
-
-
 # ----------------------------------------------------------------------------- settings: ONE resolver
 VAL_TILE_KEYS = ('size', 'overlap')
 HAT_TILE_KEYS = ('tile_size', 'tile_pad')
