@@ -35,7 +35,6 @@ setup(
     install_requires=[
         'basicsr>=1.4.2',
         'torch>=2.1',
-        'einops',
         'opencv-python',
         'lmdb',
         'pyyaml',

@@ -17,8 +17,6 @@ import importlib.util
 import sys
 from typing import List
 
-_APPLIED: List[str] = []
-
 
 def _alias_torchvision_functional_tensor() -> bool:
     """Register ``torchvision.transforms.functional_tensor`` if torchvision lacks it."""
@@ -60,10 +58,4 @@ def apply() -> List[str]:
         applied.append('torchvision.transforms.functional_tensor alias')
     if _allow_training_state_globals():
         applied.append('torch.load safe globals for BasicSR training states')
-    _APPLIED.extend(applied)
     return applied
-
-
-def applied_shims() -> List[str]:
-    """Names of every shim applied in this process so far."""
-    return list(_APPLIED)

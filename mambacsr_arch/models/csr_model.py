@@ -95,7 +95,6 @@ class CSRModel(SRModel):
         self.train_amp: Optional[torch.dtype] = parse_amp((opt.get('train') or {}).get('use_amp'), 'train')
         # resolved before the network is built, so a typo under val.tile fails before any work
         self.inference_settings = resolve_inference_settings(opt, source=f"option file of '{opt.get('name')}'")
-        self.val_amp: Optional[torch.dtype] = self.inference_settings.amp_dtype
         for note in self.inference_settings.notes:  # e.g. "official MambaCSR test protocol: padding_size 64"
             get_root_logger().info(note)
         self.grad_scaler: Optional[torch.amp.GradScaler] = None
@@ -177,10 +176,6 @@ class CSRModel(SRModel):
             self.model_ema(decay=self.ema_decay)
 
     # --------------------------------------------------------------------------- inference
-    def default_pad_multiple(self, net: nn.Module) -> int:
-        """Input multiple for ``net``: ``val.pad_multiple``, else what the arch declares (``pad_multiple``)."""
-        return self.inference_settings.resolved_pad_multiple(net)
-
     def inference_kwargs(self, net: nn.Module) -> Dict[str, Any]:
         """Keyword arguments of :func:`restore_image`: the resolved settings (as ``basicsr infer``'s)."""
         return self.inference_settings.restore_kwargs(net)
