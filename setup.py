@@ -49,7 +49,7 @@ setup(
         'cuda': ['mamba-ssm', 'causal-conv1d'],
         # `basicsr export`: ONNX export (torch's dynamo exporter needs onnxscript) and its onnxruntime check
         'export': ['onnx', 'onnxscript', 'onnxruntime'],
-        'dev': ['pytest', 'pytest-timeout', 'onnx', 'onnxscript', 'onnxruntime'],
+        'dev': ['pytest', 'pytest-timeout', 'ruff', 'onnx', 'onnxscript', 'onnxruntime'],
     },
     entry_points={
         'console_scripts': ['basicsr=mambacsr_arch.cli.main:main'],
