@@ -25,7 +25,6 @@ import logging
 import os
 import os.path as osp
 import random
-import re
 import time
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_path, temp_path_for  # noqa: F401  (temp_path_for: the pattern cleaned below)
+from ..fileio import remove_stale_temp_files as _remove_stale
 
 logger = logging.getLogger('basicsr')
 SAVE_RETRIES = 3
@@ -88,49 +88,15 @@ def atomic_torch_save(obj: Any, path: str, retries: int = SAVE_RETRIES) -> None:
     raise OSError(message) from last_error
 
 
-_TEMP_NAME = re.compile(r'^\.(?P<target>.+\.(?:pth|state))\.(?P<pid>\d+)\.tmp$')
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name == 'nt':  # no save of ours is running at start-up; Windows: see below
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def remove_stale_temp_files(directory: str) -> List[str]:
-    """Remove temporary files of killed saves (:func:`temp_path_for`'s pattern) from ``directory``.
+    """Remove temporary files of killed saves from ``directory`` (``basicsr train`` calls it at start-up).
 
-    Only ``.<name>.pth.<pid>.tmp`` / ``.<name>.state.<pid>.tmp`` files are touched, and only those
-    whose writing process is gone (a live one may still be saving; on Windows a file still open
-    cannot be removed and is kept). Each removal is logged; returns the removed paths.
+    The project's one pid-checked cleaner, :func:`mambacsr_arch.fileio.remove_stale_temp_files`,
+    restricted to ``.<name>.pth.<pid>.tmp`` / ``.<name>.state.<pid>.tmp``: only those whose writing
+    process is gone are removed (a live one may still be saving). Each removal is logged on the
+    ``basicsr`` logger; returns the removed paths.
     """
-    removed: List[str] = []
-    if not osp.isdir(directory):
-        return removed
-    for name in sorted(os.listdir(directory)):
-        match = _TEMP_NAME.match(name)
-        path = osp.join(directory, name)
-        if match is None or not osp.isfile(path):
-            continue
-        pid = int(match.group('pid'))
-        if _process_alive(pid):
-            logger.warning(f'keeping {path}: process {pid}, which writes it, is still running.')
-            continue
-        try:
-            os.remove(path)
-        except OSError as err:
-            logger.warning(f'could not remove the stale temporary file {path}: {err}')
-            continue
-        logger.warning(f'removed {path}: the unfinished save of {match.group("target")} by a killed process '
-                       f'{pid} (the previous complete file, if any, is untouched).')
-        removed.append(path)
-    return removed
+    return _remove_stale(directory, targets=lambda target: target.endswith(('.pth', '.state')), logger=logger)
 
 
 def saved_iterations(directory: str, prefix: str, suffix: str) -> List[int]:
