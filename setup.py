@@ -49,7 +49,9 @@ setup(
         'cuda': ['mamba-ssm', 'causal-conv1d'],
         # `basicsr export`: ONNX export (torch's dynamo exporter needs onnxscript) and its onnxruntime check
         'export': ['onnx', 'onnxscript', 'onnxruntime'],
-        'dev': ['pytest', 'pytest-timeout', 'ruff', 'onnx', 'onnxscript', 'onnxruntime'],
+        # mambacsr_arch.integrations.spandrel: MambaCSR in spandrel hosts (ComfyUI, chaiNNer, InvokeAI)
+        'spandrel': ['spandrel>=0.4.2'],
+        'dev': ['pytest', 'pytest-timeout', 'ruff', 'onnx', 'onnxscript', 'onnxruntime', 'spandrel>=0.4.2'],
     },
     entry_points={
         'console_scripts': ['basicsr=mambacsr_arch.cli.main:main'],

@@ -125,6 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       'unless val.official_protocol says otherwise)')
     run_.add_argument('--padding-size', type=int, help='official protocol pad multiple; turns the protocol on, as '
                       'the top-level padding_size key does (default: the option file, else 64)')
+    run_.add_argument('--self-ensemble', action=argparse.BooleanOptionalAction, default=None,
+                      help='x8 self-ensemble: average the restores of the 8 flips/transposes of each image (the "+" '
+                      'results of SR papers; 8x the time; composes with tiles and the official protocol; default: '
+                      'val.self_ensemble, else off)')
     run_.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto (cuda if available; default)')
     precision = run_.add_mutually_exclusive_group()
     precision.add_argument('--fp16', action='store_true', help='float16 autocast')
@@ -232,7 +236,8 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
         settings = resolve_inference_settings(
             opt, source=source, tile_size=args.tile, tile_overlap=args.tile_overlap, tile_mode=args.tile_mode,
             max_pixels=args.max_pixels, pad_multiple=args.pad_multiple, amp=amp,
-            official_protocol=args.official_protocol, padding_size=args.padding_size)
+            official_protocol=args.official_protocol, padding_size=args.padding_size,
+            self_ensemble=getattr(args, 'self_ensemble', None))
     except ValueError as err:
         raise InferConfigError(str(err)) from err
     return InferSetup(network_opt=network_opt, weights=str(weights), param_key=param_key, strict=strict,

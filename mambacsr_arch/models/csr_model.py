@@ -25,7 +25,8 @@ Option keys read here (BasicSR YAML)::
       plot_metrics: false             # true or [metric, ...] of val.metrics: <path.visualization>/curves/
                                       # <dataset>_<metric>.png, network vs bicubic baseline per iteration
                                       # (implies the baseline is computed; numbers in curves/history.json)
-      # inference settings (tile, max_pixels, pad_multiple, official_protocol, use_amp) and the official
+      # inference settings (tile, max_pixels, pad_multiple, official_protocol, use_amp, self_ensemble: the x8
+      # self-ensemble, 8x the time, in validation and `basicsr test`) and the official
       # files' top-level tile / padding_size: resolved by mambacsr_arch.models.inference.resolve_inference_settings
       # (the same resolver `basicsr infer` uses; its module doc lists the keys)
     logger:

@@ -12,6 +12,7 @@ restore images identically. Option keys (flags in brackets)::
       official_protocol: true | false  # default: true iff top-level padding_size is set
                                        # [--official-protocol / --no-official-protocol]
       use_amp: bf16 | fp16 | ~         # autocast dtype of the forward passes   [--bf16 / --fp16 / --fp32]
+      self_ensemble: false             # x8 self-ensemble (mean of 8 flips/transposes; 8x the time)   [--self-ensemble]
     tile: {tile_size: 512, tile_pad: 32}   # XPixelGroup/HAT layout: HAT's hard-cropped tiles   [--tile-mode hat]
     padding_size: 64                       # renyulin-f/MambaCSR layout: the official chop test   [--padding-size]
 
@@ -47,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -215,11 +216,45 @@ def _restore_hat_tiles(net: nn.Module, lq: torch.Tensor, scale: int, tile: int, 
     return out[..., :h * scale, :w * scale]
 
 
+#: The 8 transforms of the x8 self-ensemble: (flip W, flip H, transpose H/W), applied in that order.
+SELF_ENSEMBLE_TRANSFORMS = tuple((bool(k & 1), bool(k & 2), bool(k & 4)) for k in range(8))
+
+
+def _transform(x: torch.Tensor, flip_w: bool, flip_h: bool, transpose: bool) -> torch.Tensor:
+    if flip_w:
+        x = x.flip(-1)
+    if flip_h:
+        x = x.flip(-2)
+    return x.transpose(-2, -1) if transpose else x
+
+
+def _untransform(y: torch.Tensor, flip_w: bool, flip_h: bool, transpose: bool) -> torch.Tensor:
+    """The inverse of :func:`_transform` (the same steps, reversed), on the upscaled output."""
+    if transpose:
+        y = y.transpose(-2, -1)
+    if flip_h:
+        y = y.flip(-2)
+    return y.flip(-1) if flip_w else y
+
+
+def self_ensemble_mean(restore: Callable[[torch.Tensor], torch.Tensor], lq: torch.Tensor) -> torch.Tensor:
+    """x8 self-ensemble: the mean of ``T^-1(restore(T(lq)))`` over the 8 flips/transposes ``T`` of
+    the dihedral group (:data:`SELF_ENSEMBLE_TRANSFORMS`); ``restore`` maps (B, C, h, w) -> (B, C', h*s, w*s).
+
+    8 calls of ``restore``; one output-sized accumulator (float32) is kept besides the current result.
+    """
+    total = None
+    for t in SELF_ENSEMBLE_TRANSFORMS:
+        out = _untransform(restore(_transform(lq, *t)), *t).float()
+        total = out.clone() if total is None else total.add_(out)
+    return total.div_(len(SELF_ENSEMBLE_TRANSFORMS))
+
+
 def restore_image(net: nn.Module, lq: torch.Tensor, scale: int, *, tile_size: Optional[int] = None,
                   tile_overlap: int = DEFAULT_TILE_OVERLAP, pad_multiple: int = 1, official_protocol: bool = False,
                   max_pixels: Optional[int] = None, official_chop: int = OFFICIAL_CHOP,
                   official_padding_size: int = OFFICIAL_PAD, amp_dtype: Optional[torch.dtype] = None,
-                  tile_mode: Optional[str] = None) -> torch.Tensor:
+                  tile_mode: Optional[str] = None, self_ensemble: bool = False) -> torch.Tensor:
     """Super-resolve ``lq`` of any size with ``net``.
 
     Runs under ``torch.no_grad()`` (inside); does not change ``net.train()``/``eval()`` mode, so
@@ -242,6 +277,9 @@ def restore_image(net: nn.Module, lq: torch.Tensor, scale: int, *, tile_size: Op
         official_chop, official_padding_size: official protocol constants (192, ``padding_size`` 64).
         amp_dtype: optional ``torch.autocast`` dtype (bf16/fp16) for the forward passes.
         tile_mode: one of :data:`TILE_MODES`; None = ``blend`` when ``tile_size`` is given, else ``auto``.
+        self_ensemble: x8 self-ensemble (the "+" results of SR papers): the mean of the restores of
+            the 8 flips/transposes of ``lq``, each mapped back (:func:`self_ensemble_mean`); every
+            one is restored as above (tiles, official protocol), so it costs 8x the time.
 
     Returns:
         (B, C', h*scale, w*scale) float32 tensor on ``lq``'s device.
@@ -271,14 +309,18 @@ def restore_image(net: nn.Module, lq: torch.Tensor, scale: int, *, tile_size: Op
                          f'larger or val.tile.overlap smaller in the option file (--tile / --tile-overlap).')
     autocast = (torch.autocast(device_type=lq.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
-    with torch.no_grad(), autocast:
+
+    def restore_once(x: torch.Tensor) -> torch.Tensor:
         if official_protocol:
-            return _restore_official(net, lq, scale, official_chop, official_padding_size)
+            return _restore_official(net, x, scale, official_chop, official_padding_size)
         if tile_mode == 'hat':
-            return _restore_hat_tiles(net, lq, scale, tile_size, tile_overlap, pad_multiple)
-        if tile_size is None or (h <= tile_size and w <= tile_size):
-            return _forward_padded(net, lq, scale, pad_multiple)
-        return _restore_tiled(net, lq, scale, tile_size, tile_overlap, pad_multiple)
+            return _restore_hat_tiles(net, x, scale, tile_size, tile_overlap, pad_multiple)
+        if tile_size is None or (x.shape[-2] <= tile_size and x.shape[-1] <= tile_size):
+            return _forward_padded(net, x, scale, pad_multiple)
+        return _restore_tiled(net, x, scale, tile_size, tile_overlap, pad_multiple)
+
+    with torch.no_grad(), autocast:
+        return self_ensemble_mean(restore_once, lq) if self_ensemble else restore_once(lq)
 
 
 # ----------------------------------------------------------------------------- settings: ONE resolver
@@ -294,7 +336,8 @@ class InferenceSettings:
     None otherwise), ``tile_overlap`` (``blend``/``auto``: minimum overlap; ``hat``: HAT's
     ``tile_pad``), ``max_pixels`` (``auto`` budget; None = :data:`DEFAULT_MAX_PIXELS`),
     ``pad_multiple`` (None = the network's, :func:`arch_pad_multiple`), ``amp_dtype``,
-    ``official_protocol`` and ``padding_size`` (the official MambaCSR chop test). ``notes``: lines
+    ``official_protocol`` and ``padding_size`` (the official MambaCSR chop test), ``self_ensemble``
+    (x8 self-ensemble around all of these; 8x the time). ``notes``: lines
     worth logging once (e.g. "official MambaCSR test protocol: padding_size 64"); not compared.
     """
     tile_mode: str = 'auto'
@@ -305,6 +348,7 @@ class InferenceSettings:
     amp_dtype: Optional[torch.dtype] = None
     official_protocol: bool = False
     padding_size: int = OFFICIAL_PAD
+    self_ensemble: bool = False
     notes: Tuple[str, ...] = field(default=(), compare=False)
 
     def resolved_pad_multiple(self, net: nn.Module) -> int:
@@ -316,7 +360,7 @@ class InferenceSettings:
         return dict(tile_mode=self.tile_mode, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
                     pad_multiple=self.resolved_pad_multiple(net), max_pixels=self.max_pixels,
                     official_protocol=self.official_protocol, official_padding_size=self.padding_size,
-                    amp_dtype=self.amp_dtype)
+                    amp_dtype=self.amp_dtype, self_ensemble=self.self_ensemble)
 
 
 def _int_option(value: Any, where: str, minimum: int) -> int:
@@ -349,7 +393,7 @@ def _settings_from_options(opt: Mapping[str, Any], source: str) -> Dict[str, Any
         raise ValueError(f'{source}: val must be a mapping, got {val!r}.')
     fields: Dict[str, Any] = dict(tile_mode='auto', tile_size=None, tile_overlap=DEFAULT_TILE_OVERLAP,
                                   max_pixels=None, pad_multiple=None, amp_dtype=None, official_protocol=False,
-                                  padding_size=OFFICIAL_PAD)
+                                  padding_size=OFFICIAL_PAD, self_ensemble=False)
     val_tile = _tile_section(val.get('tile'), 'val.tile', VAL_TILE_KEYS, ('size', ), '{size: 192, overlap: 32}',
                              source)
     hat_tile = _tile_section(opt.get('tile'), 'tile', HAT_TILE_KEYS, HAT_TILE_KEYS, '{tile_size: 512, tile_pad: 32}',
@@ -382,6 +426,10 @@ def _settings_from_options(opt: Mapping[str, Any], source: str) -> Dict[str, Any
     if val.get('pad_multiple') is not None:
         fields['pad_multiple'] = _int_option(val['pad_multiple'], f'{source}: val.pad_multiple', 1)
     fields['amp_dtype'] = parse_amp(val.get('use_amp'), f'{source}: val')
+    ensemble = val.get('self_ensemble')
+    if ensemble is not None and not isinstance(ensemble, bool):
+        raise ValueError(f'{source}: val.self_ensemble must be true or false (got {ensemble!r}).')
+    fields['self_ensemble'] = bool(ensemble)
     return fields
 
 
@@ -420,9 +468,18 @@ def _apply_flags(fields: Dict[str, Any], flags: Mapping[str, Any]) -> None:
         fields['pad_multiple'] = _int_option(flags['pad_multiple'], '--pad-multiple', 1)
     if flags['amp'] is not None:
         fields['amp_dtype'] = parse_amp(flags['amp'], '--fp16/--bf16/--fp32')
+    if flags['self_ensemble'] is not None:
+        fields['self_ensemble'] = bool(flags['self_ensemble'])
 
 
 def _notes(fields: Mapping[str, Any]) -> Tuple[str, ...]:
+    notes = _layout_notes(fields)
+    if fields['self_ensemble']:
+        notes += ('x8 self-ensemble: each image restored 8 times (flips and transposes, averaged): 8x the time',)
+    return notes
+
+
+def _layout_notes(fields: Mapping[str, Any]) -> Tuple[str, ...]:
     if fields['official_protocol']:
         return (f"official MambaCSR test protocol: padding_size {fields['padding_size']} (chops of about "
                 f'{OFFICIAL_CHOP} LR px pasted without blending; val.official_protocol: false for whole images '
@@ -438,14 +495,16 @@ def resolve_inference_settings(opt: Optional[Mapping[str, Any]] = None, *, sourc
                                tile_mode: Optional[str] = None, max_pixels: Optional[int] = None,
                                pad_multiple: Optional[int] = None, amp: Optional[str] = None,
                                official_protocol: Optional[bool] = None,
-                               padding_size: Optional[int] = None) -> InferenceSettings:
+                               padding_size: Optional[int] = None,
+                               self_ensemble: Optional[bool] = None) -> InferenceSettings:
     """ONE place that turns an option file and ``basicsr infer``'s flags into :class:`InferenceSettings`.
 
     ``opt``: the parsed option file (its ``val`` section, top-level ``tile`` and ``padding_size``;
     see the module doc). Keyword arguments are the command-line overrides (None = flag not given):
     ``tile_size`` (``--tile``; 0 = never tile), ``tile_overlap``, ``tile_mode``, ``max_pixels``,
     ``pad_multiple``, ``amp`` (``'bf16'``/``'fp16'``/``'fp32'``), ``official_protocol`` (True/False)
-    and ``padding_size`` (turns the official protocol on, as the top-level key does). A tile flag
+    and ``padding_size`` (turns the official protocol on, as the top-level key does), ``self_ensemble``
+    (``--self-ensemble``: True/False over ``val.self_ensemble``). A tile flag
     overrides the file's official protocol and an official-protocol flag the file's tiles.
 
     Raises ValueError naming the option key or flag on any invalid, misspelt or conflicting value.
@@ -453,7 +512,8 @@ def resolve_inference_settings(opt: Optional[Mapping[str, Any]] = None, *, sourc
     fields = _settings_from_options(opt or {}, source)
     _apply_flags(fields, dict(tile_size=tile_size, tile_overlap=tile_overlap, tile_mode=tile_mode,
                               max_pixels=max_pixels, pad_multiple=pad_multiple, amp=amp,
-                              official_protocol=official_protocol, padding_size=padding_size))
+                              official_protocol=official_protocol, padding_size=padding_size,
+                              self_ensemble=self_ensemble))
     if fields['tile_mode'] == 'blend' and fields['tile_size'] <= fields['tile_overlap']:
         raise ValueError(f"{source}: tile size ({fields['tile_size']}) must exceed the tile overlap "
                          f"({fields['tile_overlap']}): raise val.tile.size (--tile) or lower val.tile.overlap "
