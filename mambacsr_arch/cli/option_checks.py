@@ -27,9 +27,10 @@ import inspect
 import re
 import sys
 from collections import OrderedDict
-from typing import Any, Iterator, List, Mapping, MutableMapping, Optional, Sequence
+from typing import Any, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
-EXIT_CONFIG = 2
+from mambacsr_arch.errors import ConfigError
+
 DATAROOT_KEYS = ('dataroot_gt', 'dataroot_lq')
 _PHASE_KEY = re.compile(r'(train|val|test)(\d+|_.*)?')
 
@@ -48,14 +49,8 @@ HAT_ONLY = {
 }
 
 
-class OptionError(ValueError):
+class OptionError(ConfigError):
     """An option-file problem the user must fix; the CLI prints it as ``basicsr <cmd>: error: ...`` (exit 2)."""
-
-
-def report(command: str, err: OptionError) -> int:
-    """Print ``err`` as ``basicsr <command>: error: ...`` on stderr; returns the exit status (2)."""
-    print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
-    return EXIT_CONFIG
 
 
 def print_notes(command: str, notes: Sequence[str]) -> None:
@@ -120,15 +115,105 @@ def _check_structure(opt: Any, source: str) -> None:
                               f'...), got {dataset!r}.')
 
 
-@contextlib.contextmanager
-def normalizing_yaml(notes: List[str]) -> Iterator[None]:
-    """Within the block, BasicSR's option-file YAML loader checks the structure and normalises dataroots.
+_FLOAT_TEXT = re.compile(r'[-+]?(\d[\d_]*)?\.?\d*([eE][-+]?\d+)?')
+ForcedEntry = Tuple[Tuple[str, ...], Any, str]
 
-    BasicSR's ``parse_options`` expands ``dataroot_*`` right after reading the YAML (a list crashes
-    there), so the fix must happen as the file is read: ``basicsr.utils.options.ordered_yaml`` (the
-    loader factory both 1.4.2's ``parse_options`` and master's ``yaml_load`` call) hands out a loader
-    that post-processes the document. ``--force_yml`` is applied by BasicSR afterwards, unchanged.
-    Notes are appended to ``notes``; problems raise :class:`OptionError`.
+
+def split_force_yml(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``(entries, the other arguments)``: every ``--force_yml`` of ``argv`` taken out, in order.
+
+    BasicSR's ``parse_options`` applies ``--force_yml`` itself, but keeps values as text
+    (``lr=2e-4`` is the string '2e-4'), fails with a traceback on a misspelt key and keeps only the
+    last of several ``--force_yml`` flags. Ours are applied (typed, checked) while the YAML is read
+    (:func:`normalizing_yaml`); BasicSR gets the arguments without them. Its own argparse rules hold:
+    ``--force_yml a=1 b=2``, ``--force_yml=a=1``, abbreviations such as ``--force``.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--force_yml', nargs='+', action='extend', default=[])
+    known, rest = parser.parse_known_args(list(argv))
+    return known.force_yml, rest
+
+
+def _yaml_value(text: str) -> Any:
+    """A ``--force_yml`` value typed as in an option file: YAML (``2e-4`` too, read as YAML 1.2 reads it)."""
+    import yaml
+
+    text = text.strip()
+    if text.lower() == 'none':  # BasicSR's --force_yml reads none/None as ~
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # e.g. filename_tmpl={}_x4: not YAML, a string (as BasicSR reads it)
+    if isinstance(value, str) and value == text and _FLOAT_TEXT.fullmatch(text) and any(c.isdigit() for c in text):
+        with contextlib.suppress(ValueError):  # PyYAML (YAML 1.1) reads 2e-4 as text; options want the number
+            return float(text.replace('_', ''))
+    return value
+
+
+def parse_force_yml(entries: Sequence[str]) -> List[ForcedEntry]:
+    """``--force_yml`` entries (``train:optim_g:lr=2e-4``) -> ``[(('train', 'optim_g', 'lr'), 0.0002, entry)]``."""
+    forced = []
+    for entry in entries:
+        keys, sep, value = entry.partition('=')
+        path = tuple(k.strip() for k in keys.split(':'))
+        if not sep or not all(path):
+            raise OptionError(f"--force_yml '{entry}': expected <key>[:<key>...]=<value>, e.g. "
+                              'train:optim_g:lr=2e-4 or path:experiments_root=runs/x.')
+        forced.append((path, _yaml_value(value), entry))
+    return forced
+
+
+def apply_force_yml(opt: MutableMapping[str, Any], forced: Sequence[ForcedEntry], source: str) -> List[str]:
+    """Set each forced value in the option dict ``opt`` (as read from the file); returns notes.
+
+    Every key but the last must exist (a misspelt section is named with a did-you-mean). The last
+    may be new, as in BasicSR, unless it looks like a misspelling of a key already there
+    (``train:ema_decy`` next to ``ema_decay``); keys of ``train`` and ``network_*`` are checked
+    afterwards by :func:`check_options` like the file's own.
+    """
+    notes = []
+    for path, value, entry in forced:
+        node: Any = opt
+        for depth, key in enumerate(path):
+            where = ':'.join(path[:depth + 1])
+            if not isinstance(node, MutableMapping):
+                raise OptionError(f"--force_yml '{entry}': {':'.join(path[:depth])} is "
+                                  f'{type(node).__name__} {node!r} in {source}, not a section with keys.')
+            existing = [str(k) for k in node]
+            if depth < len(path) - 1:
+                if key not in node:
+                    raise OptionError(f"--force_yml '{entry}': {source} has no key {where}"
+                                      f'{_closest(key, existing)}.')
+                node = node[key]
+                continue
+            if key not in node:
+                close = difflib.get_close_matches(key, existing, n=1, cutoff=0.8)
+                if close:
+                    raise OptionError(f"--force_yml '{entry}': {source} has no key {where} (did you mean "
+                                      f"'{close[0]}'?); fix the key, or add it to the option file if it is new.")
+                notes.append(f"--force_yml '{entry}' adds {where}, which {source} does not set.")
+            node[key] = value
+    return notes
+
+
+@contextlib.contextmanager
+def normalizing_yaml(notes: List[str], forced: Sequence[ForcedEntry] = (),
+                     read: Optional[MutableMapping[str, Any]] = None) -> Iterator[None]:
+    """Within the block, BasicSR's option-file YAML loader applies ``forced``, checks the structure and
+    normalises dataroots.
+
+    BasicSR's ``parse_options`` expands ``dataroot_*`` and fixes the experiment/result roots right
+    after reading the YAML (a list dataroot crashes there), so the fixes must happen as the file is
+    read: ``basicsr.utils.options.ordered_yaml`` (the loader factory both 1.4.2's ``parse_options``
+    and master's ``yaml_load`` call) hands out a loader that post-processes the document. The
+    ``--force_yml`` entries (:func:`parse_force_yml`) are applied there, to the file's own key names
+    (e.g. ``datasets:val1:...`` of the authors' files), so BasicSR derives everything from the
+    forced values. ``read['path']`` receives the document's ``path`` section as the user set it
+    (BasicSR 1.4.2 then overwrites its roots). Notes are appended to ``notes``; problems raise
+    :class:`OptionError`.
     """
     import basicsr.utils.options as options
 
@@ -144,8 +229,14 @@ def normalizing_yaml(notes: List[str]) -> Iterator[None]:
 
             def get_single_data(self):
                 data = super().get_single_data()
+                if forced:
+                    if not isinstance(data, MutableMapping):
+                        _check_structure(data, self.mambacsr_source)
+                    notes.extend(apply_force_yml(data, forced, self.mambacsr_source))
                 _check_structure(data, self.mambacsr_source)
                 notes.extend(normalize_dataroots(data, self.mambacsr_source))
+                if read is not None:
+                    read['path'] = dict(data['path'])
                 return data
 
         return NormalizingLoader, dumper
@@ -291,14 +382,191 @@ def check_network(network_opt: Any, key: str = 'network_g', source: str = '', sc
     return notes
 
 
-def check_options(opt: MutableMapping[str, Any], command: str, source: str) -> List[str]:
-    """Validate (and normalise dataset keys of) a parsed option dict for ``basicsr <command>``; returns notes.
+#: ``train`` keys read by BasicSR 1.4.2's SRModel / BaseModel and train.py (``ema_decay`` ... ``warmup_iter``),
+#: plus ours (``use_amp``): what MambaCSRModel / HATModel read.
+SR_TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt',
+                 'use_amp')
+#: ``train`` keys read by BasicSR 1.4.2's other models (GAN, video, StyleGAN2): checked for its model types.
+BASICSR_TRAIN_KEYS = SR_TRAIN_KEYS + (
+    'optim_d', 'gan_opt', 'net_d_iters', 'net_d_init_iters', 'ldl_opt', 'feature_matching_opt', 'fix_flow',
+    'lr_flow', 'flow_lr_mul', 'dcn_lr_mul', 'tsa_iter', 'r1_reg_weight', 'path_reg_weight', 'path_batch_shrink',
+    'net_g_reg_every', 'net_d_reg_every', 'mixing_prob')
 
-    ``command`` is ``'train'`` or ``'test'``; ``source`` names the option file in messages.
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text_number_hint(value: Any) -> str:
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()) and any(c.isdigit() for c in value):
+        return f" (YAML reads {value} as text: write it with a dot, e.g. {value.replace('e', '.0e', 1)}, or as " \
+               f'!!float {value})'
+    return ''
+
+
+def _int_at_least(value: Any, minimum: int, where: str, fix: str = '') -> int:
+    """``value`` as an int >= ``minimum`` (an integral float such as 5.0e5 is accepted), else OptionError."""
+    if _is_number(value) and float(value).is_integer() and value >= minimum:
+        return int(value)
+    raise OptionError(f'{where} must be an integer >= {minimum}, got {value!r}{_text_number_hint(value)}'
+                      + (f'; {fix}' if fix else '.'))
+
+
+def _model_family(model_registry, model_type: Any) -> str:
+    """'ours', 'basicsr' or 'other': whose code reads the options of ``model_type``."""
+    module = getattr(_lookup(model_registry, model_type), '__module__', '') or ''
+    return {'mambacsr_arch': 'ours', 'basicsr': 'basicsr'}.get(module.split('.')[0], 'other')
+
+
+def _check_train(opt: Mapping[str, Any], family: str, source: str) -> None:
+    """The ``train`` section of ``basicsr train``: known keys, optimiser, iterations, AMP."""
+    train = opt.get('train')
+    if not isinstance(train, Mapping):
+        raise OptionError(f'{source}: the train section is {"missing" if train is None else repr(train)}; basicsr '
+                          'train needs it (optim_g, scheduler, total_iter, pixel_opt, ...).')
+    known = SR_TRAIN_KEYS if family == 'ours' else BASICSR_TRAIN_KEYS if family == 'basicsr' else None
+    if known is not None:
+        unknown = [str(k) for k in train if k not in known and not str(k).startswith('optim_')]
+        if unknown:
+            named = ', '.join(f"'{k}'{_closest(k, known)}" for k in unknown)
+            raise OptionError(f'{source}: train has no option {named} ({opt.get("model_type")} reads '
+                              f'{", ".join(known)}); fix or remove it (BasicSR would ignore it).')
+    for key, value in train.items():
+        if str(key).startswith('optim_') and value is not None:
+            if not isinstance(value, Mapping) or 'type' not in value:
+                raise OptionError(f'{source}: train.{key} must be a mapping with a type (e.g. {{type: Adam, '
+                                  f'lr: 2.0e-4}}), got {value!r}.')
+            lr = value.get('lr')
+            if lr is not None and not (_is_number(lr) and lr > 0):
+                raise OptionError(f'{source}: train.{key}.lr must be a positive number, got {lr!r}'
+                                  f'{_text_number_hint(lr)}.')
+    if 'optim_g' not in train:
+        raise OptionError(f'{source}: train.optim_g is missing (e.g. optim_g: {{type: Adam, lr: 2.0e-4}}).')
+    if not isinstance(train.get('scheduler'), Mapping) or 'type' not in train['scheduler']:
+        raise OptionError(f'{source}: train.scheduler must be a mapping with a type (e.g. {{type: MultiStepLR, '
+                          f'milestones: [250000], gamma: 0.5}}), got {train.get("scheduler")!r}.')
+    _int_at_least(train.get('total_iter'), 1, f'{source}: train.total_iter',
+                  'the number of training iterations (0 would train nothing and save it as the latest model).')
+    if train.get('warmup_iter') is not None:
+        _int_at_least(train['warmup_iter'], -1, f'{source}: train.warmup_iter', '-1 means no warm-up.')
+    if family == 'ours':
+        from mambacsr_arch.models.inference import parse_train_amp
+
+        device = 'cuda' if int(opt.get('num_gpu') or 0) > 0 else 'cpu'
+        try:
+            parse_train_amp(train.get('use_amp'), device)
+        except ValueError as err:
+            raise OptionError(f'{source}: {err}') from err
+
+
+def _check_loaders(opt: MutableMapping[str, Any], command: str, source: str) -> List[str]:
+    """Numbers BasicSR's dataloaders, logger and validation divide by or index with."""
+    notes = []
+    scale = opt.get('scale')
+    train = opt['datasets'].get('train')
+    if command == 'train' and isinstance(train, Mapping):
+        where = f'{source}: datasets.train'
+        _int_at_least(train.get('batch_size_per_gpu'), 1, f'{where}.batch_size_per_gpu')
+        _int_at_least(train.get('num_worker_per_gpu', 0), 0, f'{where}.num_worker_per_gpu', '0 loads in the main '
+                      'process.')
+        gt_size = train.get('gt_size')
+        if gt_size is not None:
+            size = _int_at_least(gt_size, 1, f'{where}.gt_size')
+            if isinstance(scale, int) and scale > 0 and size % scale:
+                lower = size - size % scale
+                raise OptionError(f'{where}.gt_size is {size}, not a multiple of scale {scale}: the LQ patch would '
+                                  f'be {size / scale:g} px. Use {lower or scale} or {lower + scale}.')
+    val = opt.get('val')
+    if command == 'test' and not isinstance(val, Mapping):
+        raise OptionError(f'{source}: basicsr test needs a val section (e.g. val: {{save_img: true, metrics: '
+                          '{psnr: {type: calculate_psnr, crop_border: 4, test_y_channel: true}}}}).')
+    if val is not None and not isinstance(val, Mapping):
+        raise OptionError(f'{source}: val must be a mapping (val_freq, save_img, metrics, ...), got {val!r}.')
+    if isinstance(val, MutableMapping):
+        if 'save_img' not in val:
+            val['save_img'] = False  # BasicSR indexes val.save_img
+            notes.append('val.save_img is not set: images are not saved (val.save_img: true saves them).')
+        if command == 'test' and val['save_img'] and 'suffix' not in val:
+            val['suffix'] = None  # BasicSR's test indexes val.suffix; None (falsy) is its "<image>_<name>.png"
+            notes.append(f"val.suffix is not set: images are saved as <image>_{opt.get('name')}.png "
+                         '(val.suffix: x saves <image>_x.png).')
+        if command == 'train' and any(phase.startswith('val') for phase in opt['datasets']):
+            _int_at_least(val.get('val_freq'), 1, f'{source}: val.val_freq', 'validate every N iterations.')
+        metrics = val.get('metrics')
+        if metrics is not None and not (isinstance(metrics, Mapping) and all(
+                isinstance(m, Mapping) and 'type' in m for m in metrics.values())):
+            raise OptionError(f'{source}: val.metrics must map names to {{type: calculate_psnr, ...}}, got '
+                              f'{metrics!r}.')
+    if command == 'train':
+        logger_opt = opt.get('logger')
+        if not isinstance(logger_opt, Mapping):
+            raise OptionError(f'{source}: the logger section is missing (e.g. logger: {{print_freq: 100, '
+                              'save_checkpoint_freq: 5000, use_tb_logger: false}}).')
+        for key in ('print_freq', 'save_checkpoint_freq'):
+            _int_at_least(logger_opt.get(key), 1, f'{source}: logger.{key}')
+    return notes
+
+
+def _check_devices(opt: Mapping[str, Any], source: str) -> None:
+    import torch
+
+    num_gpu = opt.get('num_gpu', 0)
+    if _is_number(num_gpu) and num_gpu > 0 and not torch.cuda.is_available():
+        raise OptionError(f'{source}: num_gpu is {num_gpu} but CUDA is not available; set num_gpu: auto (or 0) to '
+                          'run on the CPU.')
+
+
+def _check_inference(opt: Mapping[str, Any], source: str) -> None:
+    """``val.tile`` / top-level ``tile`` / ``padding_size`` / ``val.use_amp``: the resolver ``infer`` uses."""
+    from mambacsr_arch.models.inference import resolve_inference_settings
+
+    try:
+        resolve_inference_settings(opt, source=source)
+    except ValueError as err:
+        raise OptionError(str(err)) from err
+
+
+def _check_pretrained(opt: Mapping[str, Any], family: str, source: str) -> None:
+    """``path.pretrain_network_g``: readable (no pickled code), and of ``network_g.type`` when loaded strictly."""
+    from mambacsr_arch.archs.state_dict_report import foreign_checkpoint
+    from mambacsr_arch.models.weights import read_checkpoint, select_params
+
+    path_opt = opt['path']
+    load_path = path_opt.get('pretrain_network_g')
+    if not load_path:
+        return
+    where = f'{source}: path.pretrain_network_g'
+    try:
+        checkpoint = read_checkpoint(load_path)
+        state, _ = select_params(checkpoint, path_opt.get('param_key_g', 'params'), f"checkpoint '{load_path}'")
+    except (ConfigError, OSError, KeyError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise OptionError(f'{where}: {message}') from err
+    arch = (opt.get('network_g') or {}).get('type')
+    if path_opt.get('strict_load_g', True) and family == 'ours' and arch in ('MambaCSR', 'HAT'):
+        foreign = foreign_checkpoint(arch, state.keys())
+        if foreign:
+            raise OptionError(f"{where}: '{load_path}': {foreign} (Or set path.strict_load_g: false to load what "
+                              'fits.)')
+
+
+def check_options(opt: MutableMapping[str, Any], command: str, source: str) -> List[str]:
+    """Validate (and normalise) a parsed option dict for ``basicsr <command>``; returns notes.
+
+    ``command`` is ``'train'`` or ``'test'``; ``source`` names the option file in messages. Checked
+    here, before anything is built or written: dataset keys and types, model and arch types,
+    ``network_*`` keys and ``scale``; for ``train`` the ``train`` keys (:data:`SR_TRAIN_KEYS`),
+    ``optim_*.lr`` > 0, ``total_iter`` >= 1, ``train.use_amp`` (fp16 needs CUDA); loader numbers
+    (``batch_size_per_gpu`` >= 1, ``num_worker_per_gpu`` >= 0, ``gt_size`` a multiple of ``scale``),
+    ``val.val_freq`` / ``logger.*_freq`` >= 1; ``num_gpu`` against CUDA; the ``val.tile`` / ``tile`` /
+    ``padding_size`` / ``val.use_amp`` settings (the resolver ``basicsr infer`` uses); and
+    ``path.pretrain_network_g`` (readable, and of ``network_g.type`` when loaded strictly).
+    ``val.save_img`` (absent: false) and, for test, ``val.suffix`` (absent: ~) are defaulted with a note.
     """
     _, dataset_registry, model_registry = _registries()
     notes = normalize_dataset_keys(opt, command, source)
     _check_type(model_registry, opt.get('model_type'), f'{source}: model_type', 'model')
+    family = _model_family(model_registry, opt.get('model_type'))
     for key, dataset in opt['datasets'].items():
         _check_type(dataset_registry, dataset.get('type'), f'{source}: datasets.{key}.type', 'dataset')
     if 'network_g' not in opt:
@@ -306,4 +574,11 @@ def check_options(opt: MutableMapping[str, Any], command: str, source: str) -> L
     for key in [k for k in opt if str(k).startswith('network_')]:
         scale = opt.get('scale') if key == 'network_g' else None
         notes += check_network(opt[key], key, source, scale=scale)
+    _check_devices(opt, source)
+    if command == 'train':
+        _check_train(opt, family, source)
+    notes += _check_loaders(opt, command, source)
+    if family == 'ours':
+        _check_inference(opt, source)
+    _check_pretrained(opt, family, source)
     return notes

@@ -133,12 +133,6 @@ def list_states(training_states_dir: str) -> List[str]:
     return [osp.join(training_states_dir, f'{it}.state') for it in saved_iterations(training_states_dir, '', '.state')]
 
 
-def find_latest_state(training_states_dir: str) -> Optional[str]:
-    """Path of the highest-iteration ``<iter>.state`` in a folder, or None (see :func:`list_states`)."""
-    states = list_states(training_states_dir)
-    return states[0] if states else None
-
-
 class UnusableStateError(RuntimeError):
     """A training state that cannot be resumed from: unreadable, not a state, or its networks are missing."""
 
@@ -254,29 +248,34 @@ def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return resume_state
 
 
-def _override_roots(opt: Dict[str, Any], raw_path: Dict[str, Any], is_train: bool) -> None:
-    """Apply ``path.experiments_root`` / ``path.results_root`` as BasicSR master does."""
+def _override_roots(opt: Dict[str, Any], path_set: Dict[str, Any], is_train: bool) -> None:
+    """Apply ``path.experiments_root`` / ``path.results_root`` as BasicSR master does.
+
+    ``path_set``: the ``path`` section as the option file and ``--force_yml`` set it (BasicSR 1.4.2
+    overwrites both roots in ``opt`` with ``<cwd>/experiments|results/<name>``).
+    """
     if is_train:
-        root = raw_path.get('experiments_root')
+        root = path_set.get('experiments_root')
         if root:
-            root = osp.abspath(osp.expanduser(root))
+            root = osp.abspath(osp.expanduser(str(root)))
             opt['path'].update(experiments_root=root, models=osp.join(root, 'models'),
                                training_states=osp.join(root, 'training_states'), log=root,
                                visualization=osp.join(root, 'visualization'))
     else:
-        root = raw_path.get('results_root')
+        root = path_set.get('results_root')
         if root:
-            root = osp.abspath(osp.expanduser(root))
+            root = osp.abspath(osp.expanduser(str(root)))
             opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
 
 
 def wrap_parse_options(parse_options: Callable) -> Callable:
-    """Wrap BasicSR's ``parse_options``: validated options, explicit result/experiment roots.
+    """Wrap BasicSR's ``parse_options``: validated options, ``--force_yml`` typed, explicit roots.
 
-    While BasicSR reads the YAML, list-valued dataroots are normalised (BasicSR crashes on them);
-    on the parsed dict (``--force_yml`` applied) :func:`mambacsr_arch.cli.option_checks.check_options`
-    runs, so a bad option file fails with one :class:`~mambacsr_arch.cli.option_checks.OptionError`
-    before any dataset or network is built.
+    ``--force_yml`` entries are taken from the command line and applied, typed as YAML and checked,
+    while BasicSR reads the YAML (:func:`mambacsr_arch.cli.option_checks.normalizing_yaml`), where
+    list-valued dataroots are normalised too (BasicSR crashes on them). On the parsed dict,
+    :func:`mambacsr_arch.cli.option_checks.check_options` runs, so a bad option file fails with one
+    :class:`~mambacsr_arch.cli.option_checks.OptionError` before any folder, dataset or network is made.
     """
     import yaml
 
@@ -288,8 +287,13 @@ def wrap_parse_options(parse_options: Callable) -> Callable:
     @functools.wraps(parse_options)
     def wrapped(root_path: str, is_train: bool = True) -> Tuple[Dict[str, Any], Any]:
         notes: List[str] = []
+        read: Dict[str, Any] = {}
+        argv = list(sys.argv)
+        entries, rest = option_checks.split_force_yml(argv[1:])
+        forced = option_checks.parse_force_yml(entries)
+        sys.argv = argv[:1] + rest  # BasicSR must not apply them again (as text)
         try:
-            with option_checks.normalizing_yaml(notes):
+            with option_checks.normalizing_yaml(notes, forced, read):
                 opt, args = parse_options(root_path, is_train=is_train)
         except yaml.YAMLError as err:
             raise option_checks.OptionError(f'the option file is not valid YAML: {err}') from err
@@ -297,9 +301,10 @@ def wrap_parse_options(parse_options: Callable) -> Callable:
             if err.filename is None or osp.exists(err.filename):
                 raise
             raise option_checks.OptionError(f"option file '{err.filename}' does not exist (-opt).") from err
-        with open(args.opt, encoding='utf-8') as f:
-            raw = yaml.safe_load(f) or {}
-        _override_roots(opt, raw.get('path') or {}, is_train)
+        finally:
+            sys.argv = argv
+        args.force_yml = entries or None
+        _override_roots(opt, read.get('path') or {}, is_train)
         command = 'train' if is_train else 'test'
         notes += option_checks.check_options(opt, command, f"option file '{args.opt}'")
         if int(opt.get('rank', 0)) == 0:
@@ -316,20 +321,23 @@ def _user_errors() -> Tuple[type, ...]:
     from mambacsr_arch.data.checks import DatasetCheckError
     from mambacsr_arch.data.image_io import ImageFolderError, ImageReadError
     from mambacsr_arch.data.pairing import PairingError
+    from mambacsr_arch.errors import ConfigError
 
-    return OptionError, DatasetCheckError, ImageFolderError, ImageReadError, PairingError, UnusableStateError
+    return (ConfigError, OptionError, DatasetCheckError, ImageFolderError, ImageReadError, PairingError,
+            UnusableStateError)
 
 
 def run_pipeline(command: str, argv: Optional[List[str]] = None) -> int:
     """``basicsr train|test``: BasicSR's own ``<command>_pipeline`` with plugins loaded and our fixes installed.
 
-    A bad option file, dataset or resume state (see :func:`_user_errors`) is printed as one line
-    ``basicsr <command>: error: ...`` with exit status 2; a non-finite loss (whose message names the
-    checkpoint to resume from) as one line with status 1. Anything else keeps its traceback.
+    A bad option file, dataset or resume state (see :func:`_user_errors`), or any
+    :class:`~mambacsr_arch.errors.ConfigError` raised later (e.g. while weights load), is printed as
+    one line ``basicsr <command>: error: ...`` with exit status 2; a non-finite loss (whose message
+    names the checkpoint to resume from) as one line with status 1. Anything else keeps its traceback.
     """
     import importlib
 
-    from mambacsr_arch.cli.option_checks import EXIT_CONFIG
+    from mambacsr_arch.errors import EXIT_CONFIG
 
     argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     load_plugins()

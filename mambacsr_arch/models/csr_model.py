@@ -77,7 +77,7 @@ from . import visuals
 from .checkpoint_io import atomic_torch_save, capture_rng_state, restore_rng_state
 from .distributed import get_bare_model
 from .distributed import model_to_device as _model_to_device
-from .inference import AMP_DTYPES, parse_amp, resolve_inference_settings, restore_image
+from .inference import AMP_DTYPES, parse_amp, parse_train_amp, resolve_inference_settings, restore_image
 from .recovery import apply_option_hyperparameters, non_finite_advice, option_hyperparameters
 from .weights import load_weights, save_safetensors
 
@@ -115,9 +115,8 @@ class CSRModel(SRModel):
     # --------------------------------------------------------------------------- training
     def init_training_settings(self) -> None:
         super().init_training_settings()
+        parse_train_amp(self.opt['train'].get('use_amp'), self.device.type)  # fp16 needs CUDA
         if self.train_amp == torch.float16:
-            if self.device.type != 'cuda':
-                raise ValueError('train.use_amp: fp16 needs CUDA (GradScaler); use bf16 on the CPU.')
             self.grad_scaler = torch.amp.GradScaler('cuda')
 
     def _reseed_torch(self, current_iter: int) -> None:

@@ -76,6 +76,18 @@ def parse_amp(value: Any, where: str) -> Optional[torch.dtype]:
     raise ValueError(f"{where}: use_amp must be bf16, fp16 or ~ (got {value!r}).")
 
 
+def parse_train_amp(value: Any, device_type: str) -> Optional[torch.dtype]:
+    """``train.use_amp`` on a ``device_type`` ('cuda', 'cpu') -> autocast dtype or None (see :func:`parse_amp`).
+
+    fp16 training needs CUDA (its GradScaler); bf16 runs anywhere. Raises ValueError naming the key.
+    """
+    dtype = parse_amp(value, 'train')
+    if dtype == torch.float16 and device_type != 'cuda':
+        raise ValueError('train.use_amp: fp16 needs CUDA (GradScaler) and this run is on the CPU (num_gpu: 0 or no '
+                         'CUDA); use bf16, or ~ for float32.')
+    return dtype
+
+
 def arch_pad_multiple(net: nn.Module) -> int:
     """The input multiple ``net`` needs: its ``pad_multiple`` attribute (our MambaCSR and HAT declare one).
 
