@@ -26,12 +26,34 @@ Checkpoints are read by
 :func:`mambacsr_arch.models.weights.load_weights` (``params``/``params_ema``/bare state dict,
 ``module.`` prefixes stripped).
 
-Images are decoded like the datasets do (:func:`mambacsr_arch.data.image_io.read_image_bgr8`:
-grayscale replicated, alpha dropped, 16-bit scaled to 8-bit), restored by
+Images are decoded like the datasets do (:func:`mambacsr_arch.data.image_io.read_image_with_layout`,
+the same pixels as ``read_image_bgr8``), restored by
 :func:`mambacsr_arch.models.inference.restore_image` (any size, optional overlapping tiles) and
-written as 8-bit images (values exactly as BasicSR's ``tensor2img``) of exactly ``scale`` x the
-input size, named ``<stem><suffix>.<ext>``, atomically (hidden temporary file, then rename).
-Existing outputs are skipped unless ``--overwrite``.
+written by the project's one image writer (:func:`mambacsr_arch.fileio.write_image_atomic`) as 8-bit
+images (values exactly as BasicSR's ``tensor2img``) of exactly ``scale`` x the input size, named
+``<stem><suffix>.<ext>``, atomically (hidden temporary file, then rename).
+
+Image layouts (:func:`mambacsr_arch.cli.infer_outputs.network_input`), decided per case; every
+conversion that changes what the file held is said once per run, as one ``note:`` line per kind
+naming the count and the first files:
+
+* 3-channel networks (the usual): gray files are replicated to RGB and written as 3-channel; alpha
+  is dropped (not composited, as every BasicSR dataset reads it), outputs are opaque; 16-bit files
+  are read as 8 bits (``round(v / 257)``, as the datasets) and written as 8-bit. The network only
+  ever saw 8-bit RGB, so nothing more is kept than the training data had.
+* 1-channel networks (``in_chans: 1``, taken from the network's first convolution): gray files are
+  fed as one channel and written as 1-channel (gray) images; a colour file whose three channels are
+  equal is fed as gray; any other colour file fails (that image only, exit 1) with a message to
+  convert it first. No automatic BT.601 Y conversion: BasicSR's ``color: y`` datasets feed the
+  studio-range Y of ``bgr2ycbcr``, a full-range gray file is not that, and guessing which one a
+  network was trained on would be silently wrong half the time.
+
+Existing outputs are skipped unless ``--overwrite``, with one exception: an output that the
+manifest says infer wrote, whose bytes no longer have the recorded SHA-256 and which no longer
+decodes as a whole image (a copy cut short, a full disk; an atomic write itself cannot be
+truncated), is restored again, and the run says so once. One that still decodes was edited or
+replaced on purpose: kept (said once). A file the manifest does not list is never touched without
+``--overwrite``.
 
 Output plan (:func:`plan_outputs`, before the model is built or anything is written): every input
 is mapped to its output and the run is refused (exit 2, the message names both files and the fix:
@@ -39,7 +61,9 @@ is mapped to its output and the run is refused (exit 2, the message names both f
 input file (``d/x.jpg`` -> ``d/x.png`` when ``d/x.png`` is an input too), if two inputs share one
 output (``x.png`` and ``x.jpg``), or if an output name is a folder. ``--overwrite`` never lifts
 this. Every image written is recorded (name, source, sha256) in ``.basicsr-infer.json`` in the
-output folder. When ``-i`` is that same folder, an image listed there whose bytes are unchanged is
+output folder, right after it is written; runs writing into one folder at once each re-read and merge
+that manifest under a lock of the folder (:func:`mambacsr_arch.cli.infer_outputs.record_outputs`), so
+no run's record is lost. When ``-i`` is that same folder, an image listed there whose bytes are unchanged is
 infer's own earlier output and is not read as an input (so ``-i d -o d --suffix _x4`` run twice
 does not make ``a_x4_x4.png``); the summary counts them. An image edited or replaced since, or
 written by infer before the manifest existed, is the user's again and the conflict rules apply.
@@ -53,16 +77,19 @@ reported, the others are still processed); 2 configuration error (nothing proces
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import os.path as osp
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from mambacsr_arch.fileio import write_bytes_atomic
+from mambacsr_arch.cli import infer_outputs
+from mambacsr_arch.cli.infer_outputs import (MANIFEST_NAME, LayoutNotes, OutputPlan, OutputPlanError,  # noqa: F401
+                                             existing_output, output_path, read_manifest, record_outputs,
+                                             write_manifest)
+from mambacsr_arch.fileio import write_image_atomic
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 OUTPUT_EXTENSIONS = ('png', 'jpg', 'jpeg', 'bmp', 'tif', 'tiff', 'webp')
@@ -301,9 +328,6 @@ def build_model(setup: InferSetup, device) -> Any:
 # ----------------------------------------------------------------------------- per image
 
 
-MANIFEST_NAME = '.basicsr-infer.json'  # in the output folder; a dotfile, so never listed as an image
-
-
 def list_inputs(path: str) -> List[str]:
     """The image files to process: ``path`` itself, or the images directly inside it (sorted).
 
@@ -324,156 +348,54 @@ def list_inputs(path: str) -> List[str]:
     raise InferConfigError(f"input '{path}' does not exist (-i/--input).")
 
 
-def output_path(input_path: str, out_dir: str, suffix: str, ext: str) -> str:
-    """``out_dir/<input stem><suffix>.<ext>``."""
-    stem = osp.splitext(osp.basename(input_path))[0]
-    return osp.join(out_dir, f'{stem}{suffix}.{ext}')
-
-
-def _sha256_of_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(out_dir: str) -> Dict[str, Dict[str, str]]:
-    """``{output name: {'input': name, 'sha256': hex}}`` from ``out_dir``'s :data:`MANIFEST_NAME` ({} if none)."""
-    path = osp.join(out_dir, MANIFEST_NAME)
-    if not osp.lexists(path):
-        return {}
-    fix = f"delete '{path}' (infer then treats every image in that folder as a user's input)"
-    try:
-        with open(path, encoding='utf-8') as f:
-            payload = json.load(f)
-    except (OSError, ValueError) as err:
-        raise InferConfigError(f"cannot read the infer manifest '{path}' ({err}); {fix}.") from err
-    outputs = payload.get('outputs') if isinstance(payload, dict) else None
-    if not isinstance(outputs, dict) or not all(isinstance(v, dict) and isinstance(v.get('sha256'), str)
-                                                for v in outputs.values()):
-        raise InferConfigError(f"'{path}' is not a basicsr infer manifest (no 'outputs' of sha256 entries); {fix}.")
-    return {str(name): dict(entry) for name, entry in outputs.items()}
-
-
-def write_manifest(out_dir: str, outputs: Mapping[str, Mapping[str, str]]) -> None:
-    """Write ``outputs`` (see :func:`read_manifest`) to ``out_dir``'s :data:`MANIFEST_NAME`, atomically."""
-    payload = {'written_by': 'basicsr infer (mambacsr_arch)', 'format': 1,
-               'note': 'images basicsr infer wrote into this folder; it does not re-read them as inputs here',
-               'outputs': {name: dict(outputs[name]) for name in sorted(outputs)}}
-    write_bytes_atomic(osp.join(out_dir, MANIFEST_NAME), (json.dumps(payload, indent=1) + '\n').encode('utf-8'))
-
-
-@dataclass
-class OutputPlan:
-    """What ``basicsr infer`` will do, decided before the first image is read (see :func:`plan_outputs`)."""
-    out_dir: str
-    pairs: List[Tuple[str, str]]  # (input, output), in input order
-    previous_outputs: List[str]  # images in the input folder that infer wrote there earlier: not re-read
-    manifest: Dict[str, Dict[str, str]]  # output folder's manifest, updated as images are written
-
-
-def _file_id(path: str) -> Optional[Tuple[int, int]]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def plan_outputs(inputs: Sequence[str], out_dir: str, suffix: str, ext: str,
                  input_folder: Optional[str] = None) -> OutputPlan:
-    """Map every input to its output and refuse any plan that could harm an input (module doc, "Output plan").
-
-    Args:
-        input_folder: the ``-i`` folder (None for a single file): where it is ``out_dir``, images that
-            ``out_dir``'s manifest lists with an unchanged sha256 are earlier outputs and are not inputs.
-    Raises:
-        InferConfigError: listing every conflict (an output that is, or resolves to, any input file; two
-            inputs with one output; an output name taken by a folder), each naming both files and the fix.
-    """
-    manifest = {name: entry for name, entry in read_manifest(out_dir).items()
-                if osp.isfile(osp.join(out_dir, name))}
-    previous: List[str] = []
-    if input_folder is not None and manifest and _file_id(input_folder) == _file_id(out_dir):
-        kept = []
-        for path in inputs:
-            entry = manifest.get(osp.basename(path))
-            if entry is not None and entry['sha256'] == _sha256_of_file(path):
-                previous.append(path)  # unchanged since infer wrote it: ours, not the user's
-            else:
-                kept.append(path)
-        inputs = kept
-    input_ids: Dict[Tuple[int, int], str] = {}
-    for path in inputs:
-        file_id = _file_id(path)
-        if file_id is not None:
-            input_ids.setdefault(file_id, path)
-    other_dir = 'another -o folder'
-    conflicts, claimed, pairs = [], {}, []
-    for path in inputs:
-        out = output_path(path, out_dir, suffix, ext)
-        out_id = _file_id(out)  # stat follows links: an output resolving to an input is caught too
-        same = input_ids.get(out_id) if out_id is not None else None
-        if same == path:
-            conflicts.append(f"'{path}': the output '{out}' is this input itself; fix: --suffix _x4, another --ext "
-                             f'or {other_dir}')
-        elif same is not None:
-            conflicts.append(f"'{path}': the output '{out}' is the input '{same}'; fix: --suffix _x4, another --ext "
-                             f"or {other_dir} (if '{same}' came from an earlier run, move it out of the folder)")
-        elif out in claimed:
-            conflicts.append(f"'{claimed[out]}' and '{path}' would both be written to '{out}' (one stem); fix: "
-                             f'rename one of them, or restore them into separate -o folders')
-        elif osp.isdir(out):
-            conflicts.append(f"'{path}': the output '{out}' is an existing folder; fix: --suffix, --ext or "
-                             f'{other_dir}')
-        claimed.setdefault(out, path)
-        pairs.append((path, out))
-    if conflicts:
-        shown = conflicts[:20] + ([f'... and {len(conflicts) - 20} more'] if len(conflicts) > 20 else [])
-        raise InferConfigError(f'{len(conflicts)} output conflict(s), nothing written:\n  ' + '\n  '.join(shown))
-    return OutputPlan(out_dir, pairs, previous, manifest)
-
-
-def write_image_atomic(img, path: str) -> str:
-    """Encode uint8 BGR ``img`` by ``path``'s extension, write it atomically; returns the file's sha256."""
-    import cv2
-
-    ext = osp.splitext(path)[1]
-    ok, encoded = cv2.imencode(ext, img)
-    if not ok:
-        raise OSError(f"cannot encode the result as '{ext}' for {path}")
-    write_bytes_atomic(path, encoded.data)  # no extra copy of a large image
-    return hashlib.sha256(encoded.data).hexdigest()
+    """:func:`mambacsr_arch.cli.infer_outputs.plan_outputs`; a refused plan raises :class:`InferConfigError`."""
+    try:
+        return infer_outputs.plan_outputs(inputs, out_dir, suffix, ext, input_folder)
+    except OutputPlanError as err:
+        raise InferConfigError(str(err)) from err
 
 
 def tensor_to_bgr8(out: Any) -> Any:
     """(1, 3, H, W) float RGB in [0, 1] -> uint8 BGR (H, W, 3), consuming ``out`` (changed in place).
 
-    Same values as ``basicsr.utils.tensor2img(out, rgb2bgr=True, min_max=(0, 1))`` (clamp, x255,
-    round half to even), computed in place: tensor2img holds several float copies of the image,
-    which for a 2048x2048 LR input at x4 is gigabytes.
+    A (1, 1, H, W) output (a 1-channel network) gives a uint8 gray (H, W). Same values as
+    ``basicsr.utils.tensor2img(out, rgb2bgr=True, min_max=(0, 1))`` (clamp, x255, round half to
+    even), computed in place: tensor2img holds several float copies of the image, which for a
+    2048x2048 LR input at x4 is gigabytes.
     """
     import numpy as np
     import torch
 
     rgb = out[0].detach().float().cpu().clamp_(0, 1).mul_(255.0).round_()
-    return np.ascontiguousarray(rgb.to(torch.uint8).permute(1, 2, 0).numpy()[:, :, ::-1])
+    img = rgb.to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(img[:, :, 0] if img.shape[2] == 1 else img[:, :, ::-1])
 
 
-def restore_file(net, path: str, setup: InferSetup, device) -> Any:
-    """Read ``path`` (any layout), restore it; returns uint8 BGR (h*scale, w*scale, 3)."""
-    import numpy as np
+def restore_file(net, path: str, setup: InferSetup, device, channels: int = 3,
+                 notes: Optional[LayoutNotes] = None) -> Any:
+    """Read ``path`` (any layout), restore it; returns uint8 BGR (h*scale, w*scale, 3), or gray (h*scale, w*scale)
+    for a 1-channel network.
+
+    ``channels``: what ``net`` takes (:func:`mambacsr_arch.cli.infer_outputs.network_channels`); how each
+    layout is fed is :func:`mambacsr_arch.cli.infer_outputs.network_input` (module doc, "Image layouts"),
+    the conversions are counted in ``notes``.
+    """
     import torch
-    from basicsr.utils import img2tensor
 
-    from mambacsr_arch.data.image_io import read_image_bgr8
+    from mambacsr_arch.data.image_io import read_image_with_layout
     from mambacsr_arch.models.inference import restore_image
 
-    img = read_image_bgr8(path)
-    lq = img2tensor(img.astype(np.float32) / 255.0, bgr2rgb=True, float32=True).unsqueeze(0).to(device)
+    img, layout = read_image_with_layout(path)
+    img = infer_outputs.network_input(img, layout, channels, path, notes if notes is not None else LayoutNotes())
+    chw = torch.from_numpy(img.transpose(2, 0, 1)[::-1].copy() if channels == 3 else img.transpose(2, 0, 1).copy())
+    lq = chw.float().div_(255.0).unsqueeze(0).to(device)  # RGB (or gray) in [0, 1], as basicsr's img2tensor
     out = restore_image(net, lq, setup.scale, **restore_kwargs(setup, net))
     del lq
+    if out.shape[1] != channels:
+        raise ValueError(f'{path}: the network returned {out.shape[1]} channel(s) for a {channels}-channel input; '
+                         'basicsr infer writes networks whose output has as many channels as their input.')
     result = tensor_to_bgr8(out)
     expected = (img.shape[0] * setup.scale, img.shape[1] * setup.scale)
     if result.shape[:2] != expected:
@@ -522,16 +444,27 @@ def run(args: argparse.Namespace) -> int:
         dangling = ' (it is a broken symbolic link or a symbolic-link loop)' if osp.islink(args.output) else ''
         return _error(f"cannot create the output folder '{args.output}' (-o){dangling}: {err}")
 
-    written, skipped, failed = 0, 0, []  # failed: one message per image, naming the file
+    from mambacsr_arch.cli.infer_outputs import network_channels
+    from mambacsr_arch.cli.option_checks import print_notes
+
+    channels = network_channels(net)
+    notes = LayoutNotes()
+    written, skipped, failed, redone, edited = 0, 0, [], [], []  # failed: one message per image, naming the file
     start = time.perf_counter()
     bar = tqdm(plan.pairs, unit='img', desc='infer', file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
     for path, out_path in bar:
-        if osp.exists(out_path) and not args.overwrite:
-            skipped += 1
-            continue
+        if not args.overwrite:
+            state = existing_output(out_path, plan.manifest)
+            if state in ('recorded', 'edited', 'foreign'):
+                skipped += 1
+                if state == 'edited':
+                    edited.append(osp.basename(out_path))
+                continue
+            if state == 'damaged':  # infer wrote it, its bytes changed since (truncated copy, full disk): redo
+                redone.append(osp.basename(out_path))
         message = None
         try:
-            digest = write_image_atomic(restore_file(net, path, setup, device), out_path)
+            digest = write_image_atomic(out_path, restore_file(net, path, setup, device, channels, notes))
         except KeyboardInterrupt:  # Ctrl-C: the image in progress was never written (atomic); say how to go on
             bar.close()
             print(f'basicsr infer: interrupted at {path}; {written} written to {args.output}. Run the same command '
@@ -547,16 +480,27 @@ def run(args: argparse.Namespace) -> int:
             message = f'{path}: {type(err).__name__}: {err}{hint}'
         else:
             written += 1
-            plan.manifest[osp.basename(out_path)] = {'input': osp.basename(path), 'sha256': digest}
-            try:  # after every image, so an interrupted run still knows its outputs
-                write_manifest(plan.out_dir, plan.manifest)
-            except OSError as err:
+            try:  # after every image, merged under a lock, so neither a killed run nor a concurrent one loses it
+                plan.manifest = record_outputs(plan.out_dir, {osp.basename(out_path): {
+                    'input': osp.basename(path), 'sha256': digest}})
+            except (OSError, OutputPlanError) as err:
                 message = (f'{out_path} was written but cannot be recorded in {MANIFEST_NAME} ({err}); a later run '
                            'with -i this folder would treat it as an input')
         if message is not None:
             failed.append(message)
             bar.write(f'FAILED {message}', file=sys.stderr)
     bar.close()
+    def listing(names: List[str]) -> str:
+        return ', '.join(names[:5]) + (f' and {len(names) - 5} more' if len(names) > 5 else '')
+
+    notes_lines = []
+    if redone:
+        notes_lines.append(f'{len(redone)} output(s) recorded in {MANIFEST_NAME} were damaged since infer wrote them '
+                           f'(SHA-256 differs, no longer a whole image: truncated): restored again: {listing(redone)}')
+    if edited:
+        notes_lines.append(f'{len(edited)} output(s) recorded in {MANIFEST_NAME} were edited or replaced since infer '
+                           f'wrote them (still whole images): kept, --overwrite to restore them: {listing(edited)}')
+    print_notes('infer', notes_lines + notes.lines())
     elapsed = time.perf_counter() - start
     rate = written / elapsed if elapsed > 0 else 0.0
     earlier = len(plan.previous_outputs)

@@ -12,18 +12,23 @@ One place that decides what the project does with unusual inputs, shared by the 
 * 16-bit: scaled to 8 bits with rounding, ``round(v * 255 / 65535)`` (65535 -> 255).
 * corrupt, truncated, empty or float (HDR/EXR/float TIFF) input: one :class:`ImageReadError`
   naming the file and the problem. Nothing is guessed.
+
+:func:`read_image_with_layout` returns the same array plus the file's own :class:`ImageLayout`
+(channels, alpha, bit depth), for callers that must say what the conversion dropped (``basicsr
+infer`` notes it once per run) or that feed one-channel networks (a gray file is exactly channel 0).
 """
 from __future__ import annotations
 
 import errno
 import os
-from typing import Iterator, List, Optional, Union
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 
 __all__ = ['ImageReadError', 'ImageFolderError', 'IMAGE_EXTENSIONS', 'read_image_bgr8', 'decode_image_bgr8', 'to_bgr8',
-           'list_image_files', 'iter_folder_files']
+           'list_image_files', 'iter_folder_files', 'ImageLayout', 'read_image_with_layout']
 
 #: File suffixes (lower case) treated as images when scanning folders.
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm')
@@ -109,6 +114,45 @@ def read_image_bgr8(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, mem
             raise ImageReadError(f'{label}: cannot read file ({err.strerror or err}).') from err
         return decode_image_bgr8(content, label)
     return decode_image_bgr8(path_or_bytes, name or '<bytes>')
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """What a file holds before :func:`to_bgr8`: ``channels`` (1 gray, 3 colour), ``alpha``, ``bit_depth`` (8, 16)."""
+    channels: int
+    alpha: bool
+    bit_depth: int
+
+    @property
+    def gray(self) -> bool:
+        return self.channels == 1
+
+
+def read_image_with_layout(path: Union[str, os.PathLike], name: Optional[str] = None
+                           ) -> Tuple[np.ndarray, ImageLayout]:
+    """:func:`read_image_bgr8` (the same array, bit for bit) and the file's :class:`ImageLayout`.
+
+    The layout comes from a second decode with ``cv2.IMREAD_UNCHANGED`` (OpenCV has no header-only
+    read); gray+alpha files are reported as ``channels=1, alpha=True``.
+    """
+    path = os.fspath(path)
+    label = name or path
+    try:
+        with open(path, 'rb') as f:
+            content = f.read()
+    except OSError as err:
+        raise ImageReadError(f'{label}: cannot read file ({err.strerror or err}).') from err
+    img = decode_image_bgr8(content, label)
+    raw = cv2.imdecode(np.frombuffer(content, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if raw is None:  # decodable as colour but not unchanged: nothing more to tell
+        return img, ImageLayout(3, False, 8)
+    channels = 1 if raw.ndim == 2 else raw.shape[2]
+    bit_depth = 16 if raw.dtype == np.uint16 else 8
+    if channels == 4:  # OpenCV reports gray+alpha PNGs as BGRA with three equal channels
+        colour = raw[:, :, :3]
+        gray = bool((colour[:, :, 0] == colour[:, :, 1]).all() and (colour[:, :, 1] == colour[:, :, 2]).all())
+        return img, ImageLayout(1 if gray else 3, True, bit_depth)
+    return img, ImageLayout(1 if channels == 1 else 3, False, bit_depth)
 
 
 class ImageFolderError(ValueError):
