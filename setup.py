@@ -45,8 +45,9 @@ setup(
         'safetensors',  # .safetensors checkpoints, read wherever a .pth is accepted
     ],
     extras_require={
-        # Built against the user's CUDA torch; only ever imported inside mambacsr_arch.ops.
-        'cuda': ['mamba-ssm', 'causal-conv1d'],
+        # Built against the user's CUDA torch; only ever imported inside mambacsr_arch.ops. Only the selective
+        # scan is used (SS2D has no causal conv1d), so causal-conv1d, a long CUDA build, is not needed.
+        'cuda': ['mamba-ssm'],
         # `basicsr export`: ONNX export (torch's dynamo exporter needs onnxscript) and its onnxruntime check
         'export': ['onnx', 'onnxscript', 'onnxruntime'],
         # mambacsr_arch.integrations.spandrel: MambaCSR in spandrel hosts (ComfyUI, chaiNNer, InvokeAI)

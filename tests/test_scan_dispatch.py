@@ -77,9 +77,13 @@ def test_auto_cuda_without_mamba_ssm_uses_torch(monkeypatch: pytest.MonkeyPatch)
     assert 'mamba_ssm not importable' in reason and "pip install 'mambacsr-arch[cuda]'" in reason
 
 
-def test_auto_cuda_with_mamba_ssm(fake_mamba_ssm) -> None:
-    assert resolve_backend(CUDA) == ('mamba_ssm', 'CUDA tensors and mamba_ssm imports')
-    assert available_backends()['mamba_ssm'] is None
+def test_auto_cuda_with_mamba_ssm_needs_its_check(fake_mamba_ssm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An importable mamba_ssm is not enough: this fake's scan (all 2.0) fails the check scan, so CUDA
+    tensors get torch; tests/test_backend_probes.py has the passing and failing stand-ins."""
+    assert available_backends()['mamba_ssm'] is None  # the import probe alone passes
+    monkeypatch.setattr(dispatch, '_check_device', lambda device_type: torch.device('cpu'))
+    name, reason = resolve_backend(CUDA)
+    assert name == 'torch' and 'mamba_ssm: its check scan on cpu is wrong: output differs' in reason
 
 
 def test_other_devices_use_torch() -> None:

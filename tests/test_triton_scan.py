@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from mambacsr_arch.ops import ENV_VAR, available_backends, dispatch, resolve_bac
 from test_selective_scan import CASES, NAMES, compare, make_inputs
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='triton not installed')
+HAS_TRITON = importlib.util.find_spec('triton') is not None
 CUDA = torch.device('cuda')
 INTERPRETED = triton_scan.interpreting()  # this process was started with TRITON_INTERPRET=1
 interpreted = pytest.mark.skipif(not INTERPRETED, reason='runs in the TRITON_INTERPRET=1 subprocess of '
@@ -171,9 +173,12 @@ def test_cpu_tensors_keep_the_numba_kernel_when_interpreting() -> None:
 
 @interpreted
 def test_auto_cuda_order_prefers_triton_over_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real kernels pass their check scan (forward and every gradient, three chunks), here run on
+    the CPU in place of the GPU, and are then chosen for CUDA tensors."""
     monkeypatch.setitem(sys.modules, 'mamba_ssm', None)  # mamba_ssm import fails
+    monkeypatch.setattr(dispatch, '_check_device', lambda device_type: torch.device('cpu'))
     name, reason = resolve_backend(CUDA)
-    assert name == 'triton' and 'mamba_ssm not importable' in reason
+    assert name == 'triton' and 'mamba_ssm not importable' in reason and 'passed their check scan' in reason
 
 
 @pytest.mark.skipif(INTERPRETED, reason='needs a process started without TRITON_INTERPRET')
@@ -197,3 +202,106 @@ def test_choice_logged_once(caplog: pytest.LogCaptureFixture) -> None:
             selective_scan(*(inputs[k] for k in NAMES[:5]), backend='triton')
     records = [r.getMessage() for r in caplog.records if 'selective_scan backend' in r.getMessage()]
     assert len(records) == 1 and 'triton' in records[0]
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from mambacsr_arch.ops._triton_kernels import _combine as _kernels_combine
+
+    @triton.jit
+    def _scan_tile_kernel(a_ptr, x_ptr, a_out_ptr, x_out_ptr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr,
+                          CHUNK: tl.constexpr, NP: tl.constexpr):
+        """One (BLOCK_D, CHUNK, NP) tile scanned along axis 1 with the kernels' own combine function, as
+        ``_chunk`` (forward) and the backward's adjoint (``reverse=True``) do."""
+        offs = (tl.arange(0, BLOCK_D)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, :, None]) * NP \
+            + tl.arange(0, NP)[None, None, :]
+        a = tl.load(a_ptr + offs)
+        x = tl.load(x_ptr + offs)
+        a_cum, x_cum = tl.associative_scan((a, x), axis=1, combine_fn=_kernels_combine, reverse=REVERSE)
+        tl.store(a_out_ptr + offs, a_cum)
+        tl.store(x_out_ptr + offs, x_cum)
+
+
+def _scan_tile(a: torch.Tensor, x: torch.Tensor, reverse: bool) -> tuple:
+    a_out, x_out = torch.empty_like(a), torch.empty_like(x)
+    block_d, chunk, np_ = a.shape
+    _scan_tile_kernel[(1,)](a, x, a_out, x_out, REVERSE=reverse, BLOCK_D=block_d, CHUNK=chunk, NP=np_)
+    return a_out, x_out
+
+
+def _sequential_tile(a: torch.Tensor, x: torch.Tensor, reverse: bool) -> tuple:
+    """h_t = a_t h_{t-1} + x_t along axis 1 (from the far end if ``reverse``), float64, one step at a time."""
+    a, x = a.double(), x.double()
+    steps = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
+    a_cum, x_cum = torch.empty_like(a), torch.empty_like(x)
+    prev = None
+    for t in steps:
+        if prev is None:
+            a_cum[:, t], x_cum[:, t] = a[:, t], x[:, t]
+        else:
+            a_cum[:, t], x_cum[:, t] = a_cum[:, prev] * a[:, t], a[:, t] * x_cum[:, prev] + x[:, t]
+        prev = t
+    return a_cum, x_cum
+
+
+@pytest.fixture
+def tritons_own_scan(monkeypatch: pytest.MonkeyPatch):
+    """Triton's own interpreter ``tl.associative_scan`` (one combine call per element) in place of the
+    project's Hillis-Steele replacement for the duration of a test."""
+    from triton.runtime.interpreter import ScanOps
+
+    triton_scan._kernels()  # applies the replacement (this process interprets)
+    original = getattr(ScanOps, 'triton_generic_scan', None)
+    assert original is not None, 'the replacement did not keep triton\'s own generic_scan'
+    assert ScanOps.generic_scan is not original
+    monkeypatch.setattr(ScanOps, 'generic_scan', original)
+    return ScanOps
+
+
+@interpreted
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_tritons_own_associative_scan_matches_the_replacement(reverse: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's real interpreter scan and the replacement, on the same tiles, agree with each other and
+    with the sequential recurrence; the real one calls the combine function once per element."""
+    from triton.runtime.interpreter import ScanOps
+
+    g = torch.Generator().manual_seed(21)
+    shape = (2, 16, 4)  # BLOCK_D, CHUNK, NP: small, the real scan is one Python call per element
+    a, x = torch.rand(shape, generator=g), torch.randn(shape, generator=g)
+    expected = _sequential_tile(a, x, reverse)
+    triton_scan._kernels()
+    replaced = _scan_tile(a, x, reverse)
+    calls, combines = [], []
+    own = ScanOps.triton_generic_scan
+
+    def counting(self, inputs):
+        real = self.combine_fn
+        calls.append(real.fn.__name__)
+        self.combine_fn = types.SimpleNamespace(fn=lambda *args: combines.append(1) or real.fn(*args))
+        try:
+            return own(self, inputs)
+        finally:
+            self.combine_fn = real
+
+    monkeypatch.setattr(ScanOps, 'generic_scan', counting)
+    tritons = _scan_tile(a, x, reverse)
+    assert calls == ['_combine']  # Triton's own generic_scan ran, once, on the kernels' combine, ...
+    assert len(combines) == shape[0] * (shape[1] - 1) * shape[2]  # ... element by element
+    for got_own, got_replaced, want in zip(tritons, replaced, expected):
+        torch.testing.assert_close(got_own.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_replaced, got_own, rtol=1e-5, atol=1e-6)
+
+
+@interpreted
+def test_kernels_with_tritons_own_associative_scan(tritons_own_scan) -> None:
+    """The real forward and backward kernels (a forward scan per chunk, a reverse one in backward) with
+    Triton's own interpreter scan: output, last state and every gradient against the float64
+    recurrence, across two chunks (the second partial)."""
+    length = triton_scan.CHUNK + 6
+    inputs = make_inputs(1, 2, 2, length, 1, True, True, True, seed=12)
+    assert triton_scan._tiling(2, 1, length, 2) == (2, triton_scan.CHUNK, 2, 2)  # BLOCK_D 2, NP 2, two chunks
+    assert tritons_own_scan.generic_scan is tritons_own_scan.triton_generic_scan
+    compare('triton', inputs, softplus=True, last=True)

@@ -1,7 +1,9 @@
 """``basicsr env``: what this installation can run, and how to fix what it cannot.
 
 Prints versions (python, torch, torchvision, basicsr, numba, triton, opencv, this plugin), CUDA and
-the GPU list, the selective-scan backend chosen for CPU and CUDA tensors and why (for CUDA tensors
+the GPU list, the selective-scan backends with the result of each GPU backend's check scan (forward
+and gradients against the float64 reference, run here on the GPU; "not checked" without one) and the
+reason a backend is skipped, the backend chosen for CPU and CUDA tensors and why (for CUDA tensors
 also without a GPU: what a GPU run here would use), the optional
 packages that are missing with the command that installs them, and the loaded plugins.
 """
@@ -17,7 +19,6 @@ from typing import Dict, List, Optional, Tuple
 # optional package (import name) -> (what it enables, how to install)
 OPTIONAL_PACKAGES: Dict[str, Tuple[str, str]] = {
     'mamba_ssm': ('CUDA selective-scan kernel', "pip install 'mambacsr-arch[cuda]'"),
-    'causal_conv1d': ('mamba_ssm companion kernel', "pip install 'mambacsr-arch[cuda]'"),
     'numba': ('fast CPU selective-scan kernel', 'pip install numba'),
     'triton': ('CUDA selective-scan kernels without mamba_ssm', 'a CUDA build of PyTorch ships it'),
     'lmdb': ('LMDB datasets', 'pip install lmdb'),
@@ -31,6 +32,13 @@ def _version(module_name: str) -> str:
     except Exception as err:  # noqa: BLE001 - reported, e.g. torchvision/torch mismatch
         return f'not importable ({type(err).__name__}: {err})'
     return str(getattr(module, '__version__', 'unknown'))
+
+
+def _installed(module_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ValueError:  # already in sys.modules without a spec (a module built at run time): present
+        return module_name in sys.modules and sys.modules[module_name] is not None
 
 
 def _gpus() -> List[str]:
@@ -70,13 +78,14 @@ def collect() -> Dict[str, object]:
         'torch_cuda_build': torch.version.cuda,
         'gpus': _gpus(),
         'scan_backends': ops.available_backends(),
+        'scan_backends_cuda': ops.available_backends('cuda'),  # runs the GPU backends' check scans
         'scan_backend_cpu': _resolve('cpu'),
         'scan_backend_cuda': _resolve('cuda'),
         'plugins': plugins,
     }
     missing = {}
     for name, (purpose, install) in OPTIONAL_PACKAGES.items():
-        if importlib.util.find_spec(name) is None:
+        if not _installed(name):
             missing[name] = f'{purpose}; install with: {install}'
     report['missing_optional'] = missing
     return report
@@ -91,8 +100,16 @@ def format_report(report: Dict[str, object]) -> str:
     gpus = report['gpus'] or ['none']
     lines.append('gpus          ' + ', '.join(gpus))  # type: ignore[arg-type]
     lines.append('selective-scan backends:')
+    cuda = report.get('scan_backends_cuda') or {}
     for name, reason in report['scan_backends'].items():  # type: ignore[union-attr]
-        lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + str(reason)}")
+        checked = cuda.get(name) if reason is None else None  # type: ignore[union-attr]
+        if reason is not None:
+            status = 'unavailable: ' + str(reason)
+        elif checked is not None:
+            status = 'skipped for CUDA tensors: ' + str(checked)
+        else:
+            status = 'available'
+        lines.append(f'  {name:<10} {status}')
     name, why = report['scan_backend_cpu']  # type: ignore[misc]
     lines.append(f'active backend for CPU tensors:  {name} ({why})')
     name, why = report['scan_backend_cuda']  # type: ignore[misc]

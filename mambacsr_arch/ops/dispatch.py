@@ -7,13 +7,20 @@ Selection rule (first that applies):
    never stores a backend; ``basicsr export`` runs inside ``use_backend(...)``);
 3. the environment variable ``MAMBACSR_SCAN_BACKEND``;
 4. automatic: the first usable row of :data:`TABLE` by ``auto`` rank that runs on the tensors'
-   device: CUDA tensors use ``mamba_ssm`` if it imports, else ``triton`` if it imports and its
-   kernels run on the GPU (checked once with a tiny scan), else ``torch``; CPU tensors use ``cpu``
-   (the numba kernel) if numba imports, else ``torch``; other devices use ``torch``.
+   device: CUDA tensors use ``mamba_ssm`` if it imports with its compiled extension and passes its
+   check scan, else ``triton`` if it imports and passes its check scan, else ``torch``; CPU tensors
+   use ``cpu`` (the numba kernel) if numba imports, else ``torch``; other devices use ``torch``.
 
-An explicit request (1 or 2) that cannot be honoured raises an error naming the missing package and
-the install command. The choice is logged once per (device type, backend) per process on the
-``basicsr`` logger (so it lands in BasicSR's train/test log).
+Usable = the row's ``probe`` passes (imports; once per process) and, for the device types in its
+``check_devices``, its ``check`` passes: one small scan on that device, long enough to cross the
+kernel's chunks, with D, z, delta_bias and softplus, whose output and every gradient are compared
+with the float64 reference (:func:`reference.check_scan`). The check runs at the first selection
+for that device type (never at import), once per process; a failure is logged once as a warning and
+the backend is skipped (``basicsr env`` shows why).
+
+An explicit request (1 or 2) that cannot be honoured (missing package, failed check) raises an error
+naming the reason and the fix. The choice is logged once per (device type, backend) per process on
+the ``basicsr`` logger (so it lands in BasicSR's train/test log).
 """
 from __future__ import annotations
 
@@ -26,12 +33,14 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import mamba_ssm_backend, reference, torch_scan
+from . import export_scan, mamba_ssm_backend, reference, torch_scan
+from .reference import autocast_off as _autocast_off
 
 ENV_VAR = 'MAMBACSR_SCAN_BACKEND'
 logger = logging.getLogger('basicsr')
 _LOGGED: Set[Tuple[str, str]] = set()
-_AVAILABILITY: Dict[str, Optional[str]] = {}  # backend -> None or reason; probed once per process
+# backend -> None or reason (probe), and 'backend on device_type' -> None or reason (check); once per process
+_AVAILABILITY: Dict[str, Optional[str]] = {}
 _SCOPED: list = []  # the use_backend() stack, innermost last
 
 # run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state) -> (out, last_state or None);
@@ -49,7 +58,10 @@ class Backend:
     choice (lower first; None: only on request); why: the reason logged when chosen automatically;
     device_hint: added to the error when it is requested for tensors on another device; auto_devices:
     the device types the automatic choice considers it for (None: all it runs on); projects_delta: its
-    run takes ``delta_weight=`` and projects a low-rank delta itself (else the dispatcher projects it).
+    run takes ``delta_weight=`` and projects a low-rank delta itself (else the dispatcher projects it);
+    check: ``check(device)`` -> None if one small scan on ``device`` matches the float64 reference
+    (forward and gradients), else why not; run once per process for each device type of
+    ``check_devices`` before the backend is used there (None: no check).
     """
     name: str
     devices: Optional[Callable[[], Tuple[str, ...]]]
@@ -60,6 +72,8 @@ class Backend:
     device_hint: str = ''
     auto_devices: Optional[Tuple[str, ...]] = None
     projects_delta: bool = False
+    check: Optional[Callable[[torch.device], Optional[str]]] = None
+    check_devices: Tuple[str, ...] = ('cuda',)
 
     def runs_on(self, device_type: str) -> bool:
         return self.devices is None or device_type in self.devices()
@@ -100,32 +114,58 @@ def _always() -> Optional[str]:
 # plus one row here.
 TABLE: Tuple[Backend, ...] = (
     Backend('mamba_ssm', lambda: ('cuda',), lambda: mamba_ssm_backend.unavailable_reason(), _run_mamba_ssm,
-            auto=0, why='mamba_ssm imports'),
+            auto=0, why='mamba_ssm passed its check scan', check=lambda device: mamba_ssm_backend.check(device)),
     Backend('cpu', lambda: ('cpu',), lambda: _cpu_module().unavailable_reason(),
             lambda *args, **kwargs: _cpu_module().scan(*args, **kwargs), auto=2, why='the numba kernel imports',
             projects_delta=True),
     Backend('torch', None, _always, _unfused_runner(lambda: torch_scan.scan_core), auto=3,
             why='the portable PyTorch backend'),
     Backend('reference', None, _always, _unfused_runner(lambda: reference.scan_core), auto=None),
+    Backend('export', None, _always, _unfused_runner(lambda: export_scan.scan_core), auto=None),
     Backend('triton', lambda: _triton_module().devices(), lambda: _triton_module().unavailable_reason(),
             lambda *args: _triton_module().scan(*args), auto=1,
-            why='the Triton kernels run on this GPU',
-            device_hint=' (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for tests)', auto_devices=('cuda',)),
+            why='the Triton kernels passed their check scan',
+            device_hint=' (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for tests)', auto_devices=('cuda',),
+            check=lambda device: _triton_module().check(device)),
 )
 BACKENDS = tuple(row.name for row in TABLE)
 _ROWS = {row.name: row for row in TABLE}
 
 
-def _unavailable(name: str) -> Optional[str]:
-    """None if backend ``name`` is usable, else why not (probed once, then cached)."""
+def _check_device(device_type: str) -> torch.device:
+    """The device a backend's check scan for ``device_type`` tensors runs on (the current device of that
+    type; tests point it at the CPU to drive the check with stand-in backends)."""
+    return torch.device(device_type)
+
+
+def _unavailable(name: str, device_type: Optional[str] = None) -> Optional[str]:
+    """None if backend ``name`` is usable (for ``device_type`` tensors: then its check scan too, where
+    it has one for that device type), else why not. Probe and check run once each, then cached."""
     if name not in _AVAILABILITY:
         _AVAILABILITY[name] = _ROWS[name].probe()
-    return _AVAILABILITY[name]
+    reason = _AVAILABILITY[name]
+    row = _ROWS[name]
+    if reason is not None or device_type is None or row.check is None or device_type not in row.check_devices:
+        return reason
+    key = f'{name} on {device_type}'
+    if key not in _AVAILABILITY:
+        device = _check_device(device_type)
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            _AVAILABILITY[key] = 'not checked: no CUDA GPU visible to run its check scan'
+        else:
+            _AVAILABILITY[key] = row.check(device)
+            if _AVAILABILITY[key] is not None:
+                logger.warning('selective_scan backend %s skipped for %s tensors: %s', name, device_type,
+                               _AVAILABILITY[key])
+    return _AVAILABILITY[key]
 
 
-def available_backends() -> Dict[str, Optional[str]]:
-    """Map each backend name to None if usable in this process, else the reason it is not."""
-    return {name: _unavailable(name) for name in BACKENDS}
+def available_backends(device_type: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """Map each backend name to None if usable in this process, else the reason it is not. With
+    ``device_type`` ('cuda'): for that device type, running the check scans not yet run (a GPU backend
+    is usable only after its check passed); without: the import probes only."""
+    return {name: _unavailable(name, device_type if device_type is None or _ROWS[name].runs_on(device_type)
+                               else None) for name in BACKENDS}
 
 
 def _device_type(device: Union[torch.device, str, None]) -> str:
@@ -179,13 +219,13 @@ def resolve_backend(device: Union[torch.device, str, None],
             raise RuntimeError(f"selective-scan backend '{backend}' (from {source}) needs "
                                f"{'/'.join(d.upper() for d in row.devices())} tensors, got {dev}{row.device_hint}; "
                                f'use backend {_others_for(dev)}')
-        reason = _unavailable(backend)
+        reason = _unavailable(backend, dev)
         if reason is not None:
             raise RuntimeError(f"selective-scan backend '{backend}' requested by {source} is unavailable: {reason}")
         return backend, f'requested by {source}'
     skipped = []
     for row in sorted((r for r in TABLE if r.auto_for(dev)), key=lambda r: r.auto):
-        reason = _unavailable(row.name)
+        reason = _unavailable(row.name, dev)
         if reason is None:
             label = dev.upper() if dev in ('cpu', 'cuda') else dev
             return row.name, f'{label} tensors and {row.why}' + (f" ({'; '.join(skipped)})" if skipped else '')
@@ -216,14 +256,6 @@ def _choose(device_type: str, backend: Optional[str]) -> str:
         return ''
     _log_choice(device_type, name, reason)
     return name
-
-
-def _autocast_off(device_type: str):
-    """Context disabling autocast for ``device_type`` (a no-op where torch has no autocast for it)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # device type without autocast support: nothing to disable
-        return contextlib.nullcontext()
 
 
 def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

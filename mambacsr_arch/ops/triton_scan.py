@@ -20,6 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 CHUNK = 64  # steps per chunk (parallel scan within, state carried across; checkpoint per chunk)
+CHECK_LENGTH = 2 * CHUNK + 5  # the check scan crosses two chunk boundaries and ends in a partial chunk
 MAX_TILE = 4096  # BLOCK_D * CHUNK * NP elements per program; BLOCK_D (channels per program) follows
 NUM_WARPS = 4
 INTERPRET_ENV = 'TRITON_INTERPRET'
@@ -46,7 +47,8 @@ def _patch_interpreter_scan() -> None:
     minutes for one small scan). This replaces it by a Hillis-Steele scan that calls the same
     combine function on whole shifted arrays (log2(length) calls), with the same left-to-right
     order of operands, so results differ only by float rounding, as on a GPU. Applied only when
-    interpreting; left alone (slow but correct) if this triton's interpreter looks different.
+    interpreting; left alone (slow but correct) if this triton's interpreter looks different. Triton's
+    own method stays reachable as ``ScanOps.triton_generic_scan`` (tests compare the two).
     """
     interp = sys.modules.get('triton.runtime.interpreter') or importlib.import_module('triton.runtime.interpreter')
     ops = getattr(interp, 'ScanOps', None)
@@ -73,6 +75,7 @@ def _patch_interpreter_scan() -> None:
             shift *= 2
         return [self.to_tensor(x, arg.dtype) for x, arg in zip(data, inputs)]
 
+    ops.triton_generic_scan = ops.generic_scan
     ops.generic_scan = generic_scan
     ops._mambacsr_vectorised = True
 
@@ -113,37 +116,32 @@ def _kernels() -> ModuleType:
     return _KERNELS
 
 
-def _smoke_test() -> None:
-    """Run a tiny scan on the current CUDA device and compare it with the float64 reference."""
-    from . import reference
-    g = torch.Generator().manual_seed(0)
-    u, delta, B, C = (torch.randn(1, 2, 5, generator=g), torch.rand(1, 2, 5, generator=g),
-                      torch.randn(1, 1, 3, 5, generator=g), torch.randn(1, 1, 3, 5, generator=g))
-    A = -torch.rand(2, 3, generator=g)
-    expected, _ = reference.scan_core(u.double(), delta.double(), A.double(), B.double(), C.double())
-    dev = torch.device('cuda')
-    out, _ = scan(*(t.to(dev) for t in (u, delta, A, B, C)), None, None, None, False, False)
-    err = (out.double().cpu() - expected).abs().max().item()
-    if not err <= 1e-4:
-        raise RuntimeError(f'smoke test on {torch.cuda.get_device_name()} is off by {err:g}')
-
-
 def unavailable_reason() -> Optional[str]:
-    """None if the Triton kernels can run (on CUDA, or on CPU when interpreting), else why not."""
+    """None if the Triton kernels load and have a device to run on (CUDA, or CPU when interpreting),
+    else why not. Whether they compute the right thing on the GPU is :func:`check`'s question."""
     try:
         _kernels()
     except ImportError as exc:
         return str(exc)
-    if interpreting():
-        return None
-    if not torch.cuda.is_available():
+    if not interpreting() and not torch.cuda.is_available():
         return ('no CUDA GPU visible (torch.cuda.is_available() is False); the triton backend needs CUDA '
                 f'tensors ({INTERPRET_ENV}=1 runs it on CPU tensors, slowly, for tests)')
+    return None
+
+
+def check(device: torch.device, length: Optional[int] = None) -> Optional[str]:
+    """None if a scan of ``length`` steps (default :data:`CHECK_LENGTH`: three chunks, the last partial)
+    on ``device`` matches the float64 reference in its output, last state and every gradient
+    (:func:`reference.check_scan`), else why not: compile errors, a GPU too old for this triton, wrong
+    results."""
+    from . import reference
     try:
-        _smoke_test()
-    except Exception as exc:  # compile errors, unsupported GPU (e.g. too old for this triton), wrong results
-        return (f'triton kernels do not run on this GPU: {type(exc).__name__}: {str(exc)[:300]}; use '
+        problem = reference.check_scan(scan, device, CHECK_LENGTH if length is None else length)
+    except Exception as exc:  # noqa: BLE001 - reported as the reason the backend is skipped
+        return (f'its check scan on {device} failed ({type(exc).__name__}: {str(exc)[:300]}); use '
                 "backend='torch' (or install mamba_ssm)")
+    if problem is not None:
+        return f"its check scan on {device} is wrong: {problem}; use backend='torch' (or install mamba_ssm)"
     return None
 
 
