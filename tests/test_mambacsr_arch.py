@@ -243,7 +243,7 @@ def test_state_dict_mismatch_errors_name_the_hyper_parameter():
     ]
     for net_cfg, culprit in cases:
         net = MambaCSR(**net_cfg)
-        with pytest.raises(RuntimeError, match=f'network_g.{culprit}: checkpoint implies'):
+        with pytest.raises(RuntimeError, match=f'network_g.{culprit}: model has'):
             net.load_state_dict(golden['state_dict'])
     net = MambaCSR(**cfg)
     with pytest.raises(RuntimeError, match='params_ema'):
@@ -257,20 +257,14 @@ def test_state_dict_mismatch_errors_name_the_hyper_parameter():
     assert torch.equal(net.conv_first.weight, golden['state_dict']['conv_first.weight'])
 
 
-def test_set_scan_backend_pins_every_mixer(monkeypatch):
-    backends = []
-    original = ops.selective_scan
-
-    def spy(*args, **kwargs):
-        backends.append(kwargs.get('backend'))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ops, 'selective_scan', spy)
-    net = tiny(cross_scale_scan=True).eval()
-    x = torch.rand(1, 3, 6, 5)
-    with torch.no_grad():
-        automatic = net(x)
-        pinned = net.set_scan_backend('reference')(x)
-    assert backends[:len(backends) // 2] == [None] * (len(backends) // 2)
-    assert backends[len(backends) // 2:] == ['reference'] * (len(backends) // 2)
-    assert torch.allclose(automatic, pinned, atol=1e-5)
+def test_scan_backend_is_no_network_option():
+    """The backend is ``ops.use_backend`` / MAMBACSR_SCAN_BACKEND (tests/test_use_backend.py), never a module
+    attribute: the old ``scan_backend`` key is refused with the replacement, no mixer stores a backend."""
+    with pytest.raises(ValueError, match=r"scan_backend was removed.*MAMBACSR_SCAN_BACKEND.*use_backend\('<name>'\)"):
+        MambaCSR(**TINY, scan_backend='torch')
+    net = tiny(cross_scale_scan=True)
+    assert not hasattr(net, 'set_scan_backend')
+    assert not any(hasattr(m, 'scan_backend') for m in net.modules())
+    for cls in (DISBlock, CrossScaleBlock):
+        with pytest.raises(TypeError, match='scan_backend'):
+            cls(24, scan_backend='torch')

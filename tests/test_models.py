@@ -187,7 +187,7 @@ def test_model_save_crash_leaves_previous_checkpoint_loadable(tmp_path, monkeypa
                  param_key='params_ema')
 
 
-def test_save_safetensors_writes_the_deployable_weights_next_to_each_pth(tmp_path):
+def test_save_safetensors_writes_one_file_per_entry_next_to_each_pth(tmp_path):
     import json
 
     from mambacsr_arch.models.weights import read_checkpoint
@@ -198,18 +198,22 @@ def test_save_safetensors_writes_the_deployable_weights_next_to_each_pth(tmp_pat
     model.feed_data(batch())
     model.optimize_parameters(1)
     model.save(0, 1)
-    assert sorted(os.listdir(tmp_path / 'models')) == ['net_g_1.pth', 'net_g_1.safetensors']
-    pth = torch.load(tmp_path / 'models' / 'net_g_1.pth', weights_only=True)
-    st = read_checkpoint(str(tmp_path / 'models' / 'net_g_1.safetensors'))
-    assert st.keys() == pth['params_ema'].keys()
-    for key, value in pth['params_ema'].items():  # the EMA weights (ema_decay 0.5 in make_opt), not params
-        assert torch.equal(st[key], value), key
-    assert any(not torch.equal(pth['params'][k], pth['params_ema'][k]) for k in pth['params'])
+    models = tmp_path / 'models'
+    assert sorted(os.listdir(models)) == ['net_g_1.pth', 'net_g_1.safetensors', 'net_g_1_ema.safetensors']
+    pth = torch.load(models / 'net_g_1.pth', weights_only=True)
+    assert any(not torch.equal(pth['params'][k], pth['params_ema'][k]) for k in pth['params'])  # ema_decay 0.5
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / 'models' / 'net_g_1.safetensors'), 'pt') as f:
-        meta = f.metadata()
-    assert meta['param_key'] == 'params_ema' and json.loads(meta['network_g'])['type'] == 'MSRResNet'
+    for name, key in (('net_g_1.safetensors', 'params'), ('net_g_1_ema.safetensors', 'params_ema')):
+        st = read_checkpoint(str(models / name))
+        assert st.keys() == pth[key].keys()
+        for tensor_name, value in pth[key].items():
+            assert torch.equal(st[tensor_name], value), (name, tensor_name)
+        with safe_open(str(models / name), 'pt') as f:
+            meta = f.metadata()
+        assert meta['param_key'] == key and json.loads(meta['network_g'])['type'] == 'MSRResNet'
+        assert json.loads(meta['entries']) == {'params': 'net_g_1.safetensors', 'params_ema': 'net_g_1_ema.safetensors'}
+        assert os.stat(models / name).st_mode & 0o777 == os.stat(models / 'net_g_1.pth').st_mode & 0o777
 
 
 def test_rng_state_round_trip():

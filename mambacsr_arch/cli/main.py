@@ -9,10 +9,11 @@ Every other subcommand lives in its own module exposing::
 
 Modules are imported only when their subcommand runs, so ``basicsr env`` stays light.
 
-Exit status 2 means a configuration error, printed as one ``basicsr <command>: error: ...`` line:
-for ``train`` / ``test`` an :class:`~mambacsr_arch.cli.option_checks.OptionError` raised while the
-option file is checked, before any dataset or network is built (their modules print it, so
-``python -m mambacsr_arch.train`` behaves the same).
+Exit status 2 means a configuration error, printed as one ``basicsr <command>: error: ...`` line: a
+:class:`~mambacsr_arch.errors.ConfigError` (every command's user-error type is one: ``OptionError``,
+``InferConfigError``, ``ExportConfigError``, ``EvalError``, ``CheckpointError``...), caught here
+once for the commands below. ``train`` / ``test`` print theirs in their own modules (BasicSR's
+pipelines run there, and ``python -m mambacsr_arch.train`` behaves the same).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import argparse
 import importlib
 import sys
 from typing import Dict, List, Optional
+
+from mambacsr_arch.errors import EXIT_CONFIG, ConfigError
 
 # subcommand -> (module under mambacsr_arch.cli, one-line help)
 SUBCOMMANDS: Dict[str, tuple] = {
@@ -56,7 +59,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f'basicsr {command}', description=SUBCOMMANDS[command][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as err:  # the one place a user error of infer/eval/export/... becomes one line
+        print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
+        return EXIT_CONFIG
 
 
 if __name__ == '__main__':

@@ -30,8 +30,10 @@ Option keys read here (BasicSR YAML)::
       # files' top-level tile / padding_size: resolved by mambacsr_arch.models.inference.resolve_inference_settings
       # (the same resolver `basicsr infer` uses; its module doc lists the keys)
     logger:
-      save_safetensors: false         # also write models/net_g_<iter>.safetensors next to each .pth: the EMA
-                                      # weights if any (else params), bare keys, network_g in its metadata
+      save_safetensors: false         # also write, next to each models/net_g_<iter>.pth, one .safetensors per
+                                      # entry: net_g_<iter>.safetensors = params (what the .pth gives by default),
+                                      # net_g_<iter>_ema.safetensors = params_ema (with EMA); bare keys; the entry,
+                                      # the sibling files and network_g in the metadata (models.weights)
 
 Resume guarantee (CPU, ``num_worker_per_gpu: 0``, same seed): a run resumed from the state saved
 at iteration N reaches the same weights as an uninterrupted run when N is the end of an epoch
@@ -58,7 +60,6 @@ exact command to resume from it at a lower rate.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os.path as osp
 from collections import OrderedDict
@@ -79,7 +80,7 @@ from .distributed import get_bare_model
 from .distributed import model_to_device as _model_to_device
 from .inference import AMP_DTYPES, parse_amp, parse_train_amp, resolve_inference_settings, restore_image
 from .recovery import apply_option_hyperparameters, non_finite_advice, option_hyperparameters
-from .weights import load_weights, save_safetensors
+from .weights import default_param_key, load_weights, project_metadata, save_safetensors
 
 __all__ = ['AMP_DTYPES', 'CSRModel', 'HATModel', 'MambaCSRModel', 'parse_amp']  # AMP names: from .inference
 _SEED_MIX = 1_000_003
@@ -109,7 +110,9 @@ class CSRModel(SRModel):
 
     def load_network(self, net: nn.Module, load_path: str, strict: bool = True,
                      param_key: Optional[str] = 'params') -> None:
-        # BasicSR only logs mismatches and then fails inside torch; we raise one actionable error.
+        # BasicSR only logs mismatches and then fails inside torch; we raise one actionable error (a
+        # ConfigError). BasicSR passes path.param_key_g, default 'params': the one rule of models.weights
+        # (choose_param_key), and a .safetensors of ours is held to the entry its metadata names.
         load_weights(net, load_path, param_key=param_key, strict=strict)
 
     # --------------------------------------------------------------------------- training
@@ -265,11 +268,19 @@ class CSRModel(SRModel):
                                          for name, tensor in get_bare_model(net_).state_dict().items())
         atomic_torch_save(save_dict, f"{self.opt['path']['models']}/{net_label}_{label}.pth")
         if (self.opt.get('logger') or {}).get('save_safetensors'):
-            # a deployable copy: the EMA weights when there are any (what released checkpoints ship), bare keys
-            key = 'params_ema' if 'params_ema' in save_dict else keys[0]
-            network = self.opt.get(f'network_{net_label[4:]}' if net_label.startswith('net_') else 'network_g')
-            save_safetensors(save_dict[key], f"{self.opt['path']['models']}/{net_label}_{label}.safetensors",
-                             metadata={'param_key': str(key), 'network_g': json.dumps(network or {})})
+            self._save_safetensors(save_dict, net_label, label)
+
+    def _save_safetensors(self, save_dict: Dict[str, Any], net_label: str, label: Any) -> None:
+        """One ``.safetensors`` per entry of the ``.pth`` just saved (models.weights' module doc): the entry the
+        one rule loads by default (``params``) as ``<net>_<iter>.safetensors``, any other (``params_ema``) as
+        ``<net>_<iter>_ema.safetensors``; each records its entry, the others' files and ``network_g``."""
+        default = default_param_key(has_option_file=True)
+        names = {key: f"{net_label}_{label}{'' if key == default else '_' + key.replace('params_', '')}.safetensors"
+                 for key in save_dict}
+        network = self.opt.get(f'network_{net_label[4:]}' if net_label.startswith('net_') else 'network_g')
+        for key, name in names.items():
+            save_safetensors(save_dict[key], osp.join(self.opt['path']['models'], name), durable=True,
+                             metadata=project_metadata(key, network or {}, names))
 
     def save(self, epoch: int, current_iter: int) -> None:
         # Every rank enters save(); only rank 0 writes. Gather each rank's RNG state first so a

@@ -1,8 +1,9 @@
-"""Read HAT hyper-parameters back from a state dict, to explain a strict-loading mismatch.
+"""What a HAT checkpoint shows: the detection condition, the ``network_g`` options its tensors imply
+and the options no tensor shows (assumed from the released configuration).
 
-``infer_hat_options(state_dict)`` returns the ``network_g`` options a checkpoint was built
-with (as far as its keys and shapes tell); ``describe_mismatch`` turns missing/unexpected keys
-into one error message naming the option(s) that most likely differ.
+:func:`options_from_shapes` (``infer_hat_options``) returns the options a checkpoint was built with,
+as far as its keys and shapes tell; detection (:func:`options_from_state`) and the one strict-load
+report (:func:`mambacsr_arch.archs.state_dict_report.describe_mismatch`) both read it.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
-from ..state_dict_report import DetectionError, assume, foreign_checkpoint, format_mismatch, need
+from ..state_dict_report import assume, need, pixelshuffle_scale
 
 ARCH = 'HAT'
 #: Key fragments only HAT's state dicts have (the overlapping cross-attention).
@@ -29,6 +30,7 @@ ASSUMED = {
 
 _BLOCK_KEY = re.compile(r'^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.')
 _UPSAMPLE_KEY = re.compile(r'^upsample\.(\d+)\.weight$')
+_BEFORE_UPSAMPLE = 'conv_before_upsample.0.weight'
 
 
 def _isqrt_exact(n: int) -> int:
@@ -96,11 +98,12 @@ def _infer_upsampler(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[Any, str
     ups = sorted(int(m.group(1)) for m in map(_UPSAMPLE_KEY.match, sd) if m)
     if 'conv_up1.weight' in sd:
         return {'upsampler': ('nearest+conv', 'conv_up1.weight'), 'upscale': (4, 'conv_up1.weight')}
-    if ups and 'conv_before_upsample.0.weight' in sd:
-        first = sd[f'upsample.{ups[0]}.weight']
-        factor = int(first.shape[0]) // int(first.shape[1])
-        upscale = 3 if factor == 9 else 2**len(ups)
-        return {'upsampler': ('pixelshuffle', 'conv_before_upsample.0.weight'), 'upscale': (upscale, 'upsample.*')}
+    if _BEFORE_UPSAMPLE in sd:  # pixelshuffle: conv_before_upsample, then BasicSR's Upsample (no layers at x1)
+        scale = pixelshuffle_scale(sd)
+        if scale is None and ups:
+            return {'upsampler': ('pixelshuffle', _BEFORE_UPSAMPLE)}  # upscale unreadable: detection says so
+        return {'upsampler': ('pixelshuffle', _BEFORE_UPSAMPLE),
+                'upscale': (scale or 1, 'upsample.*.weight' if scale else f'{_BEFORE_UPSAMPLE} and no upsample.*')}
     if ups:
         first = sd[f'upsample.{ups[0]}.weight']
         out_ch = int(sd['conv_first.weight'].shape[1]) if 'conv_first.weight' in sd else 3
@@ -111,38 +114,13 @@ def _infer_upsampler(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[Any, str
     return {}
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        try:
-            return abs(float(a) - float(b)) < 1e-6
-        except (TypeError, ValueError):
-            return False
-    return a == b
-
-
-def describe_mismatch(model_options: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
-                      missing: List[str], unexpected: List[str], wrong_shape: List[str]) -> str:
-    """One error message: what does not match, and which ``network_g`` options probably differ.
-
-    A checkpoint of another architecture (e.g. MambaCSR) is said to be one, without option hints.
-    """
-    foreign = foreign_checkpoint('HAT', state_dict)
-    if foreign:
-        lines = format_mismatch(f'HAT: the state dict does not match this model: {foreign}', missing, unexpected,
-                                wrong_shape, [], '(the keys differ because the architectures differ.)')
-        return '\n'.join(lines)
-    hints = [f'{name}: model has {model_options[name]!r}, checkpoint has {value!r} (from {evidence})'
-             for name, (value, evidence) in infer_hat_options(state_dict).items()
-             if name in model_options and not _same(model_options[name], value)]
-    lines = format_mismatch('HAT: the state dict does not match this model (strict loading).', missing, unexpected,
-                            wrong_shape, hints, 'no hyper-parameter difference detected: is this a HAT checkpoint, '
-                            "and is path.param_key_g right ('params' or 'params_ema')?")
-    return '\n'.join(lines)
+#: The reader the strict-load report and detection use (the name every architecture's checkpoint.py has).
+options_from_shapes = infer_hat_options
 
 
 def options_from_state(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, Any], List[str]]:
+    """``(network_g kwargs without type, assumptions)`` for a HAT state dict; :class:`DetectionError` when
+    the tensors that show a required option are missing."""
     found = {name: value for name, (value, _) in infer_hat_options(sd).items()}
     need('HAT', found, ('embed_dim', 'in_chans', 'depths', 'num_heads', 'window_size', 'compress_ratio',
                          'squeeze_factor', 'overlap_ratio', 'mlp_ratio', 'upscale', 'upsampler', 'resi_connection'),

@@ -1,17 +1,17 @@
 """What a MambaCSR checkpoint shows: the detection condition, the ``network_g`` options its tensors
-imply, the options no tensor shows (assumed from the released configuration), and the strict-load
-diagnosis.
+imply (:func:`options_from_shapes`, which also feeds the one strict-load report in
+:mod:`mambacsr_arch.archs.state_dict_report`), and the options no tensor shows (assumed from the
+released configuration).
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
-from torch import nn
 
-from ..state_dict_report import DetectionError, assume, foreign_checkpoint, need
+from ..state_dict_report import DetectionError, assume, need, pixelshuffle_scale
 
 ARCH = 'MambaCSR'
 #: Key fragments only MambaCSR's state dicts have (the direction gates, the cross-scale fusion groups).
@@ -21,19 +21,24 @@ SUMMARY = ('embed_dim', 'depths', 'd_state', 'mlp_ratio', 'cross_scale_scan', 'd
            'resi_connection', 'in_chans')
 
 _BLOCK_RE = re.compile(r'^(layers2?)\.(\d+)\.residual_group\.blocks\.(\d+)\.')
-_UPSAMPLE_RE = re.compile(r'^upsample\.(\d+)\.weight$')
 _FIRST_SSM = 'layers.0.residual_group.blocks.0.self_attention.'
 _FIRST_MLP = 'layers.0.residual_group.blocks.0.mlp.fc1.weight'
 
 
-def infer_mambacsr_config(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """The network_g hyper-parameters a MambaCSR state dict implies (only those visible in shapes/keys)."""
+def options_from_shapes(state_dict: Mapping[str, Any]) -> Dict[str, Tuple[Any, str]]:
+    """The ``network_g`` options a MambaCSR state dict shows, each as ``name -> (value, evidence key)``.
+
+    Only options visible in key names and shapes; works on any (possibly foreign) mapping. The
+    strict-load report (:func:`mambacsr_arch.archs.state_dict_report.describe_mismatch`) reads the
+    model and the checkpoint with it.
+    """
     sd = state_dict
-    cfg: Dict[str, Any] = {}
+    cfg: Dict[str, Tuple[Any, str]] = {}
     if 'conv_first.weight' in sd:
-        cfg['embed_dim'], cfg['in_chans'] = int(sd['conv_first.weight'].shape[0]), int(sd['conv_first.weight'].shape[1])
+        shape = sd['conv_first.weight'].shape
+        cfg['embed_dim'], cfg['in_chans'] = (int(shape[0]), 'conv_first.weight'), (int(shape[1]), 'conv_first.weight')
     if _FIRST_SSM + 'A_logs' in sd:
-        cfg['d_state'] = int(sd[_FIRST_SSM + 'A_logs'].shape[1])
+        cfg['d_state'] = (int(sd[_FIRST_SSM + 'A_logs'].shape[1]), _FIRST_SSM + 'A_logs')
     groups: Dict[str, Dict[int, int]] = {'layers': {}, 'layers2': {}}
     for key in sd:
         match = _BLOCK_RE.match(key)
@@ -41,70 +46,41 @@ def infer_mambacsr_config(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
             blocks = groups[match.group(1)]
             blocks[int(match.group(2))] = max(blocks.get(int(match.group(2)), 0), int(match.group(3)) + 1)
     if groups['layers']:
-        cfg['depths'] = [groups['layers'][i] for i in sorted(groups['layers'])]
-    cfg['cross_scale_scan'] = any(k.startswith(('layers2.', 'layers3.', 'patch_embed2.')) for k in sd)
+        cfg['depths'] = ([groups['layers'][i] for i in sorted(groups['layers'])], 'layers.*.residual_group.blocks.*')
+    cross = any(k.startswith(('layers2.', 'layers3.', 'patch_embed2.')) for k in sd)
+    cfg['cross_scale_scan'] = (cross, 'layers2.* / layers3.* keys')
     if groups['layers2']:
-        cfg['depths2'] = [groups['layers2'][i] for i in sorted(groups['layers2'])]
-    ups = sorted((int(m.group(1)), sd[k]) for k in sd for m in [_UPSAMPLE_RE.match(k)] if m)
-    if ups:
-        ratios = {int(w.shape[0]) // int(w.shape[1]) for _, w in ups}
-        cfg['upscale'] = 3 if ratios == {9} else 2**len(ups)
-    elif 'conv_before_upsample.0.weight' in sd:  # BasicSR's Upsample(1) has no layers
-        cfg['upscale'] = 1
-    if _FIRST_SSM + 'x_proj_weight' in sd and not cfg['cross_scale_scan']:
-        cfg['dual_interleaved_scan'] = int(sd[_FIRST_SSM + 'x_proj_weight'].shape[0]) == 2
+        cfg['depths2'] = ([groups['layers2'][i] for i in sorted(groups['layers2'])],
+                          'layers2.*.residual_group.blocks.*')
+    scale = pixelshuffle_scale(sd)
+    if scale is not None:
+        cfg['upscale'] = (scale, 'upsample.*.weight')
+    elif 'conv_before_upsample.0.weight' in sd and not any(k.startswith('upsample.') for k in sd):
+        cfg['upscale'] = (1, 'no upsample.* key')  # BasicSR's Upsample(1) has no layers
+    if _FIRST_SSM + 'x_proj_weight' in sd and not cross:
+        key = _FIRST_SSM + 'x_proj_weight'
+        cfg['dual_interleaved_scan'] = (int(sd[key].shape[0]) == 2, key)
     if _FIRST_MLP in sd and 'embed_dim' in cfg:
-        cfg['mlp_ratio'] = int(sd[_FIRST_MLP].shape[0]) / cfg['embed_dim']
+        cfg['mlp_ratio'] = (int(sd[_FIRST_MLP].shape[0]) / cfg['embed_dim'][0], _FIRST_MLP)
     if 'layers.0.conv.weight' in sd or 'layers.0.conv.0.weight' in sd:
-        cfg['resi_connection'] = '1conv' if 'layers.0.conv.weight' in sd else '3conv'
+        one = 'layers.0.conv.weight' in sd
+        cfg['resi_connection'] = ('1conv', 'layers.0.conv.weight') if one else ('3conv', 'layers.0.conv.0.weight')
     if 'conv_first.weight' in sd:
-        cfg['patch_norm'] = 'patch_embed.norm.weight' in sd
+        cfg['patch_norm'] = ('patch_embed.norm.weight' in sd, 'patch_embed.norm.weight')
     return cfg
 
 
-def describe_state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True,
-                                 show: int = 5) -> Optional[str]:
-    """None if ``model.load_state_dict(state_dict, strict)`` would succeed, else an actionable message."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mis_shaped = [
-        k for k in own if k in state_dict and hasattr(state_dict[k], 'shape')
-        and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if not mis_shaped and (not strict or not (missing or unexpected)):
-        return None
-    lines = [f'{type(model).__name__}: the checkpoint does not match network_g ({len(missing)} missing, '
-             f'{len(unexpected)} unexpected, {len(mis_shaped)} mis-shaped keys).']
-    keys = list(state_dict)
-    foreign = foreign_checkpoint('MambaCSR', keys)
-    if set(keys) & {'params', 'params_ema'}:
-        lines.append("  The dict holds 'params'/'params_ema': load the inner dict (BasicSR: path.param_key_g).")
-    elif keys and all(k.startswith('module.') for k in keys):
-        lines.append("  Every key starts with 'module.': strip that DataParallel/DDP prefix.")
-    elif foreign:  # e.g. a HAT checkpoint: its shapes would "imply" nonsense MambaCSR options
-        lines.append(f'  {foreign}')
-    else:
-        wanted, have = infer_mambacsr_config(state_dict), infer_mambacsr_config(own)
-        hints = [f'  network_g.{name}: checkpoint implies {wanted[name]!r}, the model has {have.get(name)!r}'
-                 for name in wanted if name in have and wanted[name] != have[name]]
-        lines.append('Most likely wrong hyper-parameter(s):' if hints else
-                     'No hyper-parameter visible in shapes differs; was the checkpoint saved from another arch?')
-        lines.extend(hints)
-    for title, names in (('missing', missing), ('unexpected', unexpected)):
-        if names:
-            more = f' ... (+{len(names) - show} more)' if len(names) > show else ''
-            lines.append(f'  {title} keys: {names[:show]}{more}')
-    for k in mis_shaped[:show]:
-        lines.append(f'  size mismatch {k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}')
-    return '\n'.join(lines)
-
+def infer_mambacsr_config(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """The network_g hyper-parameters a MambaCSR state dict implies (:func:`options_from_shapes`, values only)."""
+    return {name: value for name, (value, _) in options_from_shapes(state_dict).items()}
 
 
 ASSUMED = {
     'scan_size': (8, 'DIS window size'),
     'img_range': (1., 'input range'),
 }
+
+
 def options_from_state(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, Any], List[str]]:
     """``(network_g kwargs without type, assumptions)`` for a MambaCSR state dict; :class:`DetectionError`
     when the tensors that show a required option are missing."""
