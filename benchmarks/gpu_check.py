@@ -133,6 +133,7 @@ def scan_backends(device) -> List[str]:
 def check_golden(rep: Report, device, dry: bool) -> None:
     import torch
     from basicsr.utils.registry import ARCH_REGISTRY
+    from mambacsr_arch.ops import use_backend
     names = ['hat_small', 'mambacsr_dis'] if dry else ['hat_small', 'mambacsr_dis', 'mambacsr_dis_crossscale']
     for name in names:
         golden = torch.load(osp.join(ROOT, 'tests', 'data', 'golden', f'{name}.pt'), weights_only=True)
@@ -140,9 +141,7 @@ def check_golden(rep: Report, device, dry: bool) -> None:
         net.load_state_dict(golden['state_dict'], strict=True)
         backends = scan_backends(device) if golden['type'] == 'MambaCSR' else ['-']
         for backend in backends[:1] if dry else backends:
-            if backend != '-':
-                net.set_scan_backend(backend)
-            with torch.no_grad():
+            with use_backend(None if backend == '-' else backend), torch.no_grad():  # '-': HAT, no scan
                 out = net(golden['input'].to(device))
             err = (out.float().cpu() - golden['output']).abs().max().item()
             rep.add('golden', f'{name} [{backend}] max abs err', err, f'<= {GOLDEN_TOL:g}', err <= GOLDEN_TOL)

@@ -10,6 +10,7 @@ import mambacsr_arch  # noqa: F401  (first: its torchvision shim lets basicsr im
 from basicsr.archs import build_network
 from mambacsr_arch.archs.detect import DetectionError, detect_arch
 from mambacsr_arch.models.weights import load_weights, read_checkpoint, save_safetensors, select_params
+from mambacsr_arch.ops import use_backend
 
 pytestmark = pytest.mark.hostile
 
@@ -30,11 +31,16 @@ CONFIGS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _portable_scan():
+    """The portable scan: these tests are about weights, not about the (separately tested) CPU kernel."""
+    with use_backend('torch'):
+        yield
+
+
 def _net(opt, seed=0):
     torch.manual_seed(seed)
-    net = build_network(dict(opt)).eval()
-    # the portable scan: these tests are about weights, not about the (separately tested) CPU kernel
-    return net.set_scan_backend('torch') if hasattr(net, 'set_scan_backend') else net
+    return build_network(dict(opt)).eval()
 
 
 def _same_outputs(a, b, size=(1, 3, 8, 12)):

@@ -3,11 +3,15 @@
 Paths: the channels-first window mixer (d_conv 3), the token path without conv (d_conv 1), the
 cross-scale mixer; each without autograd (the in-place inference path) and with autograd in training
 mode (outputs and the gradients of the input and every parameter). Sizes: multiples of the windows
-and sizes with clipped border windows.
+and sizes with clipped border windows. The fused pieces of :mod:`mambacsr_arch.archs.mambacsr.fused`
+with a closed form (the two norms, the layout-changing linear layer) are also checked on their own,
+outputs and gradients (``gradcheck``), with and without autograd.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
+from mambacsr_arch.archs.mambacsr import fused
 from mambacsr_arch.archs.mambacsr.ss2d import SS2D
 
 CASES = [
@@ -18,6 +22,9 @@ CASES = [
     (['w4', 'c_w4_flip'], 1, False, (6, 5)),
     (['w4', 'w4_flip', 'c_w4', 'c_w4_flip'], 3, True, (8, 8)),
     (['w4', 'c_w4_flip'], 3, True, (6, 10)),
+    # three directions of one token order (a group of three: scanned, merged and unscanned once)
+    (['w4', 'w4_flip', 'w4', 'c_w4'], 3, False, (6, 10)),
+    (['w4', 'w4_flip', 'w4'], 1, True, (8, 6)),
 ]
 
 
@@ -94,3 +101,56 @@ def test_training_under_bf16_autocast_keeps_dtypes_and_stays_close():
         assert g.dtype == torch.float32, name
         assert torch.isfinite(g).all(), name
         assert (g - full[name]).norm() <= 0.05 * full[name].norm() + 1e-6, name
+
+
+# ----------------------------------------------------------------------------- fused pieces on their own
+def _double(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_channel_layer_norm_is_layer_norm_over_the_channels():
+    y, weight, bias = _double(2, 6, 5), _double(6, seed=1), _double(6, seed=2)
+    expected = F.layer_norm(y.transpose(1, 2), (6, ), weight, bias, 1e-5).transpose(1, 2)
+    with torch.no_grad():  # the in-place inference version overwrites its input
+        torch.testing.assert_close(fused.channel_layer_norm(y.clone(), weight, bias, 1e-5), expected)
+    args = tuple(t.clone().requires_grad_(True) for t in (y, weight, bias))
+    torch.testing.assert_close(fused.channel_layer_norm(*args, 1e-5), expected)
+    assert torch.autograd.gradcheck(lambda *t: fused.channel_layer_norm(*t, 1e-5), args)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_pooled_token_norm_is_the_mean_of_the_map_tokens_layer_norm(masked):
+    ys = _double(2, 3, 6, 10)
+    mask = (_double(3, 10, seed=1) > 0).double() if masked else None
+    count = int(mask.sum(-1)[0]) if masked else 10
+    if masked:
+        mask[1:] = mask[0]  # every direction has the same number of map tokens, as in SS2D
+    normed = F.layer_norm(ys.transpose(-1, -2), (6, ), eps=1e-5)  # (B, K, L, D)
+    if masked:
+        normed = normed * mask[:, :, None]
+    expected = normed.sum(-2) / count
+    with torch.no_grad():
+        torch.testing.assert_close(fused.pooled_token_norm(ys, mask, count, 1e-5), expected)
+        torch.testing.assert_close(fused.pooled_token_norm(ys, mask, count, 1e-5, torch.empty_like(ys)), expected)
+    leaf = ys.clone().requires_grad_(True)
+    torch.testing.assert_close(fused.pooled_token_norm(leaf, mask, count, 1e-5), expected)
+    assert torch.autograd.gradcheck(lambda t: fused.pooled_token_norm(t, mask, count, 1e-5), (leaf, ))
+
+
+@pytest.mark.parametrize('channels_first', [True, False])
+@pytest.mark.parametrize('needs', [(True, True), (True, False), (False, True)])
+def test_layout_linear_is_a_linear_layer_that_changes_layout(channels_first, needs):
+    if channels_first:  # tokens (B, L, C), weight (D, C) -> (B, D, L)
+        x, weight = _double(2, 7, 4), _double(5, 4, seed=1)
+        expected = F.linear(x, weight).transpose(1, 2)
+    else:  # y (B, D, L), weight (C, D) -> (B, L, C)
+        x, weight = _double(2, 5, 7), _double(4, 5, seed=1)
+        expected = F.linear(x.transpose(1, 2), weight)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.layout_linear(x, weight, channels_first), expected)
+    args = (x.clone().requires_grad_(needs[0]), weight.clone().requires_grad_(needs[1]))
+    out = fused.layout_linear(*args, channels_first)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert (args[0].grad is not None, args[1].grad is not None) == needs
+    assert torch.autograd.gradcheck(lambda *t: fused.layout_linear(*t, channels_first), args)

@@ -41,9 +41,8 @@ Deviations from the official code (none changes outputs where the official code 
 """
 from __future__ import annotations
 
-import re
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +53,8 @@ from torch import nn
 
 from ...registry import registers
 from .blocks import CrossScaleBlock, ResidualDISGroup
-from .ss2d import SS2D
 from ..layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
-from .checkpoint import describe_state_dict_mismatch
+from ..state_dict_report import describe_mismatch, positive_int, positive_number
 
 __all__ = ['MambaCSR']
 
@@ -92,8 +90,8 @@ class MambaCSR(nn.Module):
         patch_norm: LayerNorm after the patch embedding. use_checkpoint: gradient checkpointing
         (every DIS block and fusion block is recomputed in backward).
 
-    The selective-scan backend is chosen by :mod:`mambacsr_arch.ops` (automatic, or the
-    ``MAMBACSR_SCAN_BACKEND`` environment variable); :meth:`set_scan_backend` pins one per model.
+    The selective-scan backend is not a network option: :mod:`mambacsr_arch.ops` chooses it (inside a
+    ``mambacsr_arch.ops.use_backend(name)`` block, else ``MAMBACSR_SCAN_BACKEND``, else automatically).
     """
 
     def __init__(self, img_size=64, patch_size=1, in_chans: int = 3, upscale: int = 4, embed_dim: int = 180,
@@ -104,6 +102,10 @@ class MambaCSR(nn.Module):
                  norm_layer=nn.LayerNorm, patch_norm: bool = True, use_checkpoint: bool = False,
                  **kwargs: Any) -> None:
         super().__init__()
+        if 'scan_backend' in kwargs:  # an option of earlier versions of this package (never of the official code)
+            raise ValueError("MambaCSR: network_g.scan_backend was removed (the scan backend is not a network "
+                             "option); set the environment variable MAMBACSR_SCAN_BACKEND=<name> or run inside "
+                             "mambacsr_arch.ops.use_backend('<name>')")
         unknown = sorted(set(kwargs) - _IGNORED_OPTIONS)
         if unknown:
             warnings.warn(f'MambaCSR: ignoring unknown network_g option(s) {unknown}', stacklevel=2)
@@ -111,6 +113,12 @@ class MambaCSR(nn.Module):
             raise ValueError(f"MambaCSR: upsampler must be 'pixelshuffle' (network_g.upsampler), got {upsampler!r}")
         depths = _as_depths(depths, 'depths')
         depths2 = _as_depths(depths2, 'depths2')
+        # values that would build a broken network (zero-width layers, empty scan windows, NaN outputs)
+        for name, value in (('in_chans', in_chans), ('upscale', upscale), ('embed_dim', embed_dim),
+                            ('d_state', d_state), ('scan_size', scan_size)):
+            positive_int('MambaCSR', name, value)
+        for name, value in (('mlp_ratio', mlp_ratio), ('img_range', img_range)):
+            positive_number('MambaCSR', name, value)
         if cross_scale_scan and len(depths2) > len(depths):
             raise ValueError(f'MambaCSR: depths2 {depths2} has more groups than depths {depths}; each half-resolution '
                              f'group is fused after the main group of the same index')
@@ -205,20 +213,15 @@ class MambaCSR(nn.Module):
         x = x / self.img_range + mean
         return x[..., :h * self.upscale, :w * self.upscale]
 
-    def set_scan_backend(self, backend: Optional[str]) -> 'MambaCSR':
-        """Pin the selective-scan backend of every mixer (``None`` = automatic). Returns self."""
-        for module in self.modules():
-            if isinstance(module, SS2D):
-                module.scan_backend = backend
-        return self
-
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; a mismatch that would fail raises one clear error instead.
+        """``nn.Module.load_state_dict``; a mismatch that would fail raises one clear RuntimeError instead.
 
-        The error lists the first missing/unexpected/mis-shaped keys and the hyper-parameters the
-        checkpoint implies (embed_dim, d_state, depths, cross_scale_scan, upscale...).
+        The error is the project's one strict-load report
+        (:func:`mambacsr_arch.archs.state_dict_report.describe_mismatch`): the first missing/unexpected/
+        mis-shaped keys and the network_g options the checkpoint implies (embed_dim, d_state, depths,
+        cross_scale_scan, upscale...).
         """
-        message = describe_state_dict_mismatch(self, state_dict, strict=strict)
+        message = describe_mismatch(self, state_dict, source='the state dict', strict=strict)
         if message:
             raise RuntimeError(message)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

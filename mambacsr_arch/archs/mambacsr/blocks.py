@@ -13,7 +13,7 @@ Both blocks are registered in BasicSR's ARCH_REGISTRY, so other architectures ca
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
@@ -60,12 +60,11 @@ class DISBlock(nn.Module):
         dim: channels C. directions: scan directions of the SS2D mixer (e.g. ``['w8', 'w8_flip']``).
         d_state: SSM state size. mlp_ratio: MLP hidden size / dim. drop_path: stochastic depth rate.
         compress_ratio, squeeze_factor: of the CAB branch (official: 24 and 24; needs dim >= both).
-        scan_backend: selective-scan backend (``None`` = automatic).
     """
 
     def __init__(self, dim: int, directions: Sequence[str] = ('w8', 'w8_flip'), d_state: int = 16,
                  mlp_ratio: float = 2., drop_path: float = 0., norm_layer=nn.LayerNorm, compress_ratio: int = 24,
-                 squeeze_factor: int = 24, scan_backend: Optional[str] = None) -> None:
+                 squeeze_factor: int = 24) -> None:
         super().__init__()
         if dim < compress_ratio or dim < squeeze_factor:
             raise ValueError(f'DISBlock: dim={dim} is too small for the CAB branch (compress_ratio={compress_ratio}, '
@@ -73,7 +72,7 @@ class DISBlock(nn.Module):
                              f'or smaller ratios')
         self.dim = dim
         self.ln_1 = norm_layer(dim)
-        self.self_attention = SS2D(dim, directions, d_state=d_state, scan_backend=scan_backend)
+        self.self_attention = SS2D(dim, directions, d_state=d_state)
         self.skip_scale = nn.Parameter(torch.ones(dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.conv_block = CAB(dim, compress_ratio=compress_ratio, squeeze_factor=squeeze_factor)
@@ -112,8 +111,8 @@ class CrossScaleBlock(SS2D):
     """
 
     def __init__(self, dim: int, directions: Sequence[str] = ('w16', 'w16_flip', 'c_w16', 'c_w16_flip'),
-                 d_state: int = 16, mlp_ratio: float = 4., scan_backend: Optional[str] = None) -> None:
-        super().__init__(dim, directions, d_state=d_state, cross_scale=True, scan_backend=scan_backend)
+                 d_state: int = 16, mlp_ratio: float = 4.) -> None:
+        super().__init__(dim, directions, d_state=d_state, cross_scale=True)
         self.dim = dim
         self.ln_1 = nn.LayerNorm(dim)
         self.ln_2 = nn.LayerNorm(dim)
@@ -141,8 +140,7 @@ class DISLayer(nn.Module):
 
     def __init__(self, dim: int, depth: int, d_state: int = 16, mlp_ratio: float = 2.,
                  drop_path: Union[float, Sequence[float]] = 0., norm_layer=nn.LayerNorm, use_checkpoint: bool = False,
-                 dual_interleaved_scan: bool = False, cross_scale_scan: bool = False, scan_size: int = 8,
-                 scan_backend: Optional[str] = None) -> None:
+                 dual_interleaved_scan: bool = False, cross_scale_scan: bool = False, scan_size: int = 8) -> None:
         super().__init__()
         self.dim = dim
         self.depth = depth
@@ -150,8 +148,8 @@ class DISLayer(nn.Module):
         rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.blocks = nn.ModuleList([
             DISBlock(dim, dis_directions(i, depth, scan_size, dual_interleaved_scan, cross_scale_scan),
-                     d_state=d_state, mlp_ratio=mlp_ratio, drop_path=rates[i], norm_layer=norm_layer,
-                     scan_backend=scan_backend) for i in range(depth)
+                     d_state=d_state, mlp_ratio=mlp_ratio, drop_path=rates[i], norm_layer=norm_layer)
+            for i in range(depth)
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,9 +164,6 @@ class DISLayer(nn.Module):
         return f'dim={self.dim}, depth={self.depth}, use_checkpoint={self.use_checkpoint}'
 
 
-
-
-
 class ResidualDISGroup(nn.Module):
     """Residual group (official ``ResidualLocalGroup``): DISLayer -> conv -> + input.
 
@@ -178,13 +173,13 @@ class ResidualDISGroup(nn.Module):
     def __init__(self, dim: int, depth: int, d_state: int = 16, mlp_ratio: float = 2.,
                  drop_path: Union[float, Sequence[float]] = 0., norm_layer=nn.LayerNorm, use_checkpoint: bool = False,
                  resi_connection: str = '1conv', dual_interleaved_scan: bool = False, cross_scale_scan: bool = False,
-                 scan_size: int = 8, scan_backend: Optional[str] = None) -> None:
+                 scan_size: int = 8) -> None:
         super().__init__()
         self.dim = dim
         self.residual_group = DISLayer(dim, depth, d_state=d_state, mlp_ratio=mlp_ratio, drop_path=drop_path,
                                        norm_layer=norm_layer, use_checkpoint=use_checkpoint,
                                        dual_interleaved_scan=dual_interleaved_scan, cross_scale_scan=cross_scale_scan,
-                                       scan_size=scan_size, scan_backend=scan_backend)
+                                       scan_size=scan_size)
         self.conv = make_resi_conv(dim, resi_connection)
 
     def forward(self, x: torch.Tensor, x_size: Sequence[int]) -> torch.Tensor:
