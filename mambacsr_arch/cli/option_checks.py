@@ -526,6 +526,13 @@ def _check_inference(opt: Mapping[str, Any], source: str) -> None:
         raise OptionError(str(err)) from err
 
 
+def _has_states(path_opt: Mapping[str, Any]) -> bool:
+    from mambacsr_arch.cli.runtime import list_states
+
+    folder = path_opt.get('training_states')
+    return bool(folder) and bool(list_states(folder))
+
+
 def _check_pretrained(opt: Mapping[str, Any], family: str, source: str) -> None:
     """``path.pretrain_network_g``: readable (no pickled code), and of ``network_g.type`` when loaded strictly."""
     from mambacsr_arch.archs.state_dict_report import foreign_checkpoint
@@ -533,8 +540,8 @@ def _check_pretrained(opt: Mapping[str, Any], family: str, source: str) -> None:
 
     path_opt = opt['path']
     load_path = path_opt.get('pretrain_network_g')
-    if not load_path:
-        return
+    if not load_path or path_opt.get('resume_state') or (opt.get('auto_resume') and _has_states(path_opt)):
+        return  # a resume loads its own network file (BasicSR's check_resume); load_resume_state checks it
     where = f'{source}: path.pretrain_network_g'
     try:
         checkpoint = read_checkpoint(load_path)

@@ -150,11 +150,33 @@ def read_training_state(opt: Dict[str, Any], path: str) -> Dict[str, Any]:
                if not isinstance(state, dict) or key not in state]
     if lacking:
         raise UnusableStateError(f"training state '{path}' is not a BasicSR training state (no {lacking})")
-    missing = [f for f in network_files(opt, int(state['iter'])) if not osp.isfile(f)]
+    files = network_files(opt, int(state['iter']))
+    missing = [f for f in files if not osp.isfile(f)]
     if missing:
         raise UnusableStateError(f"training state '{path}' has no network file to go with it ({missing} "
                                  f'missing)')
+    _check_resumed_arch(opt, path, files)
     return state
+
+
+def _check_resumed_arch(opt: Dict[str, Any], path: str, files: List[str]) -> None:
+    """The ``net_g`` file a resume loads must be of ``network_g.type`` (MambaCSR / HAT), else one error."""
+    from mambacsr_arch.archs.state_dict_report import foreign_checkpoint
+    from mambacsr_arch.errors import ConfigError
+    from mambacsr_arch.models.weights import read_checkpoint, select_params
+
+    arch = (opt.get('network_g') or {}).get('type')
+    net_g = [f for f in files if osp.basename(f).startswith('net_g_')]
+    if arch not in ('MambaCSR', 'HAT') or not net_g:
+        return
+    try:
+        state, _ = select_params(read_checkpoint(net_g[0]), opt['path'].get('param_key_g', 'params'), net_g[0])
+    except (ConfigError, OSError, KeyError, RuntimeError) as err:
+        raise UnusableStateError(f"training state '{path}': its network file '{net_g[0]}' cannot be read "
+                                 f'({err})') from err
+    foreign = foreign_checkpoint(arch, state.keys())
+    if foreign:
+        raise UnusableStateError(f"training state '{path}' resumes '{net_g[0]}', but {foreign}")
 
 
 def _warn_rank0(opt: Dict[str, Any], message: str) -> None:
@@ -181,9 +203,9 @@ def _auto_resume_state(opt: Dict[str, Any]) -> Tuple[Optional[str], Optional[Dic
                              f"('{explicit}') is ignored. Run without --auto_resume to resume from it.")
         return path, state
     if problems:
-        raise RuntimeError(f'--auto_resume: none of the {len(candidates)} training states in {states_dir} can be '
-                           f'used:\n  ' + '\n  '.join(problems) + '\nRestore or remove them, or set '
-                           f'path.resume_state to a good state, or start a new run without --auto_resume.')
+        raise UnusableStateError(f'--auto_resume: none of the {len(candidates)} training states in {states_dir} '
+                                 'can be used:\n  ' + '\n  '.join(problems) + '\nRestore or remove them, or set '
+                                 'path.resume_state to a good state, or start a new run without --auto_resume.')
     return None, None
 
 
@@ -280,6 +302,7 @@ def wrap_parse_options(parse_options: Callable) -> Callable:
     import yaml
 
     from mambacsr_arch.cli import option_checks
+    from mambacsr_arch.data import checks
 
     if getattr(parse_options, '_mambacsr_wrapped', False):
         return parse_options
@@ -307,6 +330,7 @@ def wrap_parse_options(parse_options: Callable) -> Callable:
         _override_roots(opt, read.get('path') or {}, is_train)
         command = 'train' if is_train else 'test'
         notes += option_checks.check_options(opt, command, f"option file '{args.opt}'")
+        checks.expect_metrics((opt.get('val') or {}).get('metrics'))  # the SSIM size rule of val/test sets
         if int(opt.get('rank', 0)) == 0:
             option_checks.print_notes(command, notes)
         return opt, args

@@ -6,6 +6,12 @@ LQ must be exactly the mod-cropped GT divided by ``scale`` (``lq = gt // scale``
 3x2 at scale 4 has no LQ at all). Pairs that differ would crash the metric after training has run,
 or silently compare against a crop of a different image size.
 
+When the validation metrics include SSIM (``calculate_ssim``: an 11x11 Gaussian window, no padding),
+every evaluated image must be at least 11 px a side after ``crop_border`` (smaller ones give a cv2
+error or ``nan``). The training set is checked against ``gt_size`` (every GT must hold a patch of it;
+the random crop fails on the first smaller one, mid-training). The metrics come from the validated
+options (:func:`expect_metrics`, called by the CLI once the option file is checked).
+
 Sizes come from image headers (PIL opens lazily; only files PIL cannot size, or with an EXIF
 orientation that OpenCV applies, are decoded), or from ``meta_info.txt`` for LMDBs, so a 100-image
 set costs a few milliseconds. Datasets of other types (no ``paths`` of GT/LQ pairs) are not checked.
@@ -21,11 +27,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .image_io import read_image_bgr8
 
 __all__ = ['DatasetCheckError', 'image_size', 'lmdb_sizes', 'pair_size_problem', 'check_dataset',
-           'wrap_build_dataset']
+           'check_training_set', 'expect_metrics', 'ssim_crop_border', 'wrap_build_dataset']
 
 _SHOWN = 5
 _ORIENTATION = 0x0112
 _META_SHAPE = re.compile(r'\((\d+),\s*(\d+)(?:,\s*\d+)?\)')
+SSIM_WINDOW = 11  # basicsr.metrics.psnr_ssim: 11x11 Gaussian, 'valid' filtering
+SSIM_METRICS = ('calculate_ssim', 'calculate_ssim_pt')
+_EXPECTED: Dict[str, Any] = {'metrics': None}
 
 
 class DatasetCheckError(ValueError):
@@ -93,10 +102,33 @@ def _sizes(paths: List[str], lmdb_path: Optional[str], cache: Dict[str, Dict[str
     return [known[p] for p in paths]
 
 
-def check_dataset(dataset: Any, dataset_opt: Dict[str, Any]) -> int:
+def expect_metrics(metrics: Optional[Dict[str, Any]]) -> None:
+    """The ``val.metrics`` the datasets built next are evaluated with (the CLI calls it after its checks)."""
+    _EXPECTED['metrics'] = metrics
+
+
+def ssim_crop_border(metrics: Optional[Dict[str, Any]]) -> Optional[int]:
+    """The largest ``crop_border`` of the SSIM metrics in ``metrics`` (a ``val.metrics`` mapping), None without SSIM."""
+    borders = [int((m or {}).get('crop_border') or 0) for m in (metrics or {}).values()
+               if isinstance(m, dict) and m.get('type') in SSIM_METRICS]
+    return max(borders) if borders else None
+
+
+def _ssim_problem(gt_hw: Tuple[int, int], scale: int, crop_border: int) -> Optional[str]:
+    h, w = gt_hw[0] - gt_hw[0] % scale, gt_hw[1] - gt_hw[1] % scale  # the SR output's size
+    left_h, left_w = h - 2 * crop_border, w - 2 * crop_border
+    if min(left_h, left_w) >= SSIM_WINDOW:
+        return None
+    return (f'evaluated at {h}x{w}, {max(left_h, 0)}x{max(left_w, 0)} after crop_border {crop_border}: SSIM needs '
+            f'at least {SSIM_WINDOW}x{SSIM_WINDOW}')
+
+
+def check_dataset(dataset: Any, dataset_opt: Dict[str, Any], ssim_border: Optional[int] = None) -> int:
     """Check every pair of a built paired dataset against ``scale``; return the number of samples checked.
 
-    Raises :class:`DatasetCheckError` naming the dataset, the option to fix and each bad file.
+    With ``ssim_border`` (an SSIM metric's ``crop_border``), each evaluated image must also keep an
+    11x11 SSIM window after the crop. Raises :class:`DatasetCheckError` naming the dataset, the option
+    to fix and each bad file.
     """
     pairs = getattr(dataset, 'paths', None)
     scale = dataset_opt.get('scale')
@@ -119,17 +151,61 @@ def check_dataset(dataset: Any, dataset_opt: Dict[str, Any]) -> int:
         problem = pair_size_problem(gt_hw, lq_hw, scale)
         if problem is not None:
             bad.append(f"'{gt_path}'" + (f" with LQ '{lq_path}'" if lq_path is not None else '') + f': {problem}')
+    name, phase = dataset_opt.get('name', '?'), dataset_opt.get('phase', '?')
+    if not bad and ssim_border is not None:
+        small = [(path, _ssim_problem(hw, scale, ssim_border)) for path, hw in zip(gt_paths, gt_sizes)]
+        small = [f"'{path}' ({problem})" for path, problem in small if problem]
+        if small:
+            more = f' (and {len(small) - _SHOWN} more)' if len(small) > _SHOWN else ''
+            raise DatasetCheckError(f"{phase} dataset '{name}': {len(small)} image(s) too small for the SSIM metric "
+                                    f"(val.metrics), checked before training/testing starts: "
+                                    f"{'; '.join(small[:_SHOWN])}{more}. Drop the ssim metric, lower its "
+                                    f'crop_border, or evaluate on larger images.')
     if bad:
         more = f' (and {len(bad) - _SHOWN} more)' if len(bad) > _SHOWN else ''
-        name, phase = dataset_opt.get('name', '?'), dataset_opt.get('phase', '?')
         raise DatasetCheckError(f"{phase} dataset '{name}' cannot be evaluated at scale {scale}, checked before "
                                 f"training/testing starts: {'; '.join(bad[:_SHOWN])}{more}. Remove or fix these "
                                 'images, or set the right scale (top-level option scale).')
     return len(pairs)
 
 
+def check_training_set(dataset: Any, dataset_opt: Dict[str, Any]) -> int:
+    """Every GT of a built training set must hold a ``gt_size`` patch; returns the number of images checked.
+
+    Raises :class:`DatasetCheckError` saying how many are smaller, the largest size found and the fix.
+    """
+    pairs = getattr(dataset, 'paths', None)
+    gt_size = dataset_opt.get('gt_size')
+    if not isinstance(gt_size, int) or not isinstance(pairs, list) or not pairs or not all(
+            isinstance(p, dict) and 'gt_path' in p for p in pairs):
+        return 0
+    lmdb = (dataset_opt.get('io_backend') or {}).get('type') == 'lmdb'
+    gt_paths = [p['gt_path'] for p in pairs]
+    sizes = _sizes(gt_paths, dataset_opt.get('dataroot_gt') if lmdb else None, {})
+    small = [(path, hw) for path, hw in zip(gt_paths, sizes) if min(hw) < gt_size]
+    if not small:
+        return len(pairs)
+    scale = dataset_opt.get('scale') if isinstance(dataset_opt.get('scale'), int) else 1
+    fits_all = min(min(hw) for hw in sizes)
+    fits_all -= fits_all % scale
+    largest = max(sizes, key=lambda hw: min(hw))
+    examples = ', '.join(f"'{osp.basename(p)}' {h}x{w}" for p, (h, w) in small[:3])
+    if len(small) == len(sizes):
+        best = min(largest) - min(largest) % scale
+        fix = (f'lower datasets.train.gt_size to {best} or less (a multiple of scale {scale})' if best >= scale
+               else 'the images are smaller than scale') + ', or train on larger images'
+    else:
+        fix = ('lower datasets.train.gt_size' + (f' to {fits_all} or less' if fits_all >= scale else '')
+               + ', or remove the smaller images')
+    raise DatasetCheckError(
+        f"train dataset '{dataset_opt.get('name', '?')}': {len(small)} of {len(sizes)} GT images are smaller than "
+        f'gt_size {gt_size} (the random {gt_size}x{gt_size} crop fails on them mid-training; the largest image '
+        f'is {largest[0]}x{largest[1]}; e.g. {examples}): {fix}.')
+
+
 def wrap_build_dataset(build_dataset: Callable) -> Callable:
-    """BasicSR's ``build_dataset``, then :func:`check_dataset` for every non-training dataset."""
+    """BasicSR's ``build_dataset``, then :func:`check_dataset` for every non-training dataset (with the SSIM
+    size rule when :func:`expect_metrics` got an SSIM metric) and :func:`check_training_set` for the training set."""
     if getattr(build_dataset, '_mambacsr_checked', False):
         return build_dataset
 
@@ -137,7 +213,9 @@ def wrap_build_dataset(build_dataset: Callable) -> Callable:
     def wrapped(dataset_opt: Dict[str, Any]):
         dataset = build_dataset(dataset_opt)
         if dataset_opt.get('phase') != 'train':
-            check_dataset(dataset, dataset_opt)
+            check_dataset(dataset, dataset_opt, ssim_crop_border(_EXPECTED['metrics']))
+        else:
+            check_training_set(dataset, dataset_opt)
         return dataset
 
     wrapped._mambacsr_checked = True
