@@ -20,6 +20,14 @@ Tile modes (:data:`TILE_MODES`): ``auto`` (whole image up to ``max_pixels`` LR p
 tiles above), ``blend``, ``hat`` and ``none`` (always the whole image). Public entry point of
 the engines: :func:`restore_image`. All sizes are in pixels; tile sizes and overlaps are LR px.
 
+Out of memory (``torch.cuda.OutOfMemoryError``, or a RuntimeError saying "out of memory"): the
+image is restored again with smaller tiles, the output being exactly that of a run started with
+the final tile size: a whole image goes to tiles of 512 LR px (half its longer side if smaller),
+tiles halve, down to 64 LR px (or the pad multiple; blended tiles stay above their overlap), each
+step said once per process as a warning naming the new size; ``hat`` tiles stay ``hat`` tiles.
+At the floor, or under the official protocol (fixed chops), the error is raised again with what may
+help (a smaller ``--tile``, ``--fp16``/``--bf16``).
+
 Blended tiles (``blend``, and ``auto`` above the budget): tiles of ``tile_size`` LR px
 overlapping by at least ``tile_overlap`` px (the last tile in each row/column is aligned to the
 image border, so it may overlap more). Each tile is padded to ``pad_multiple`` on its own and
@@ -46,6 +54,7 @@ a wrongly sized chop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -54,6 +63,8 @@ import torch
 from torch import nn
 
 from ..archs.layers import pad_to_multiple
+
+logger = logging.getLogger('basicsr')
 
 # Default automatic-tiling budget in LR pixels: the standard benchmarks (DIV2K-val at x4 is at most
 # 510x510 LR) still run as whole images; anything larger is tiled.
@@ -269,6 +280,7 @@ def restore_image(net: nn.Module, lq: torch.Tensor, scale: int, *, tile_size: Op
                   tile_mode: Optional[str] = None, self_ensemble: bool = False) -> torch.Tensor:
     """Super-resolve ``lq`` of any size with ``net``.
 
+    On an out-of-memory error it retries with smaller tiles (module doc), raising only at the floor.
     Runs under ``torch.no_grad()`` (inside); does not change ``net.train()``/``eval()`` mode, so
     callers put the net in eval mode themselves. :meth:`InferenceSettings.restore_kwargs` gives
     the keyword arguments for an option file.
@@ -321,18 +333,91 @@ def restore_image(net: nn.Module, lq: torch.Tensor, scale: int, *, tile_size: Op
                          f'larger or val.tile.overlap smaller in the option file (--tile / --tile-overlap).')
     autocast = (torch.autocast(device_type=lq.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
+    # the tile size in use: lowered on out-of-memory errors, kept for the rest of this call (self-ensemble)
+    tiles = {'mode': 'hat' if tile_mode == 'hat' else 'blend', 'size': tile_size}
 
-    def restore_once(x: torch.Tensor) -> torch.Tensor:
+    def restore_at(x: torch.Tensor) -> torch.Tensor:
         if official_protocol:
             return _restore_official(net, x, scale, official_chop, official_padding_size)
-        if tile_mode == 'hat':
-            return _restore_hat_tiles(net, x, scale, tile_size, tile_overlap, pad_multiple)
-        if tile_size is None or (x.shape[-2] <= tile_size and x.shape[-1] <= tile_size):
+        size = tiles['size']
+        if tiles['mode'] == 'hat':
+            return _restore_hat_tiles(net, x, scale, size, tile_overlap, pad_multiple)
+        if size is None or (x.shape[-2] <= size and x.shape[-1] <= size):
             return _forward_padded(net, x, scale, pad_multiple)
-        return _restore_tiled(net, x, scale, tile_size, tile_overlap, pad_multiple)
+        return _restore_tiled(net, x, scale, size, tile_overlap, pad_multiple)
+
+    def restore_once(x: torch.Tensor) -> torch.Tensor:
+        while True:
+            try:
+                return restore_at(x)
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(exc):
+                    raise
+                smaller = None if official_protocol else _smaller_tile(tiles['size'], x.shape[-2:], tiles['mode'],
+                                                                       tile_overlap, pad_multiple)
+                if smaller is None:
+                    raise _out_of_memory_error(exc, tiles['size'], official_protocol, amp_dtype) from exc
+            _note_smaller_tile(tiles['size'], smaller, x.shape[-2:])
+            tiles['size'] = smaller
+            if x.device.type == 'cuda':
+                torch.cuda.empty_cache()
 
     with torch.no_grad(), autocast:
         return self_ensemble_mean(restore_once, lq) if self_ensemble else restore_once(lq)
+
+
+# ----------------------------------------------------------------------------- out of memory: smaller tiles
+OOM_FIRST_TILE = 512  # LR px: a whole image that does not fit is tried in tiles of this size first
+OOM_MIN_TILE = 64  # LR px: the smallest tile the fallback goes down to (or the pad multiple, if larger)
+_OOM_NOTED: set = set()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.cuda.OutOfMemoryError`` and for RuntimeErrors saying 'out of memory' (other
+    backends, older torch)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or \
+        (isinstance(exc, RuntimeError) and 'out of memory' in str(exc).lower())
+
+
+def _smaller_tile(size: Optional[int], shape: Sequence[int], mode: str, overlap: int,
+                  pad_multiple: int) -> Optional[int]:
+    """The next tile size after an out-of-memory error at ``size`` (None: the whole image), or None at the
+    floor: whole image -> :data:`OOM_FIRST_TILE` (or half the image's longer side if that is smaller),
+    then halves, down to :data:`OOM_MIN_TILE` or ``pad_multiple`` (blended tiles: and beyond the overlap)."""
+    floor = max(OOM_MIN_TILE, pad_multiple, overlap + 1 if mode == 'blend' else 1)
+    longest = max(int(shape[0]), int(shape[1]))
+    current = longest if size is None else min(size, longest)  # a tile larger than the image is the image
+    if current <= floor:
+        return None
+    if current == longest:  # the whole image was run
+        smaller = OOM_FIRST_TILE if longest > OOM_FIRST_TILE else (longest + 1) // 2
+    else:
+        smaller = current // 2
+    return max(smaller, floor)
+
+
+def _note_smaller_tile(size: Optional[int], smaller: int, shape: Sequence[int]) -> None:
+    """Warn once per process per (tile size, smaller tile size) that tiles got smaller."""
+    key = (size, smaller)
+    if key in _OOM_NOTED:
+        return
+    _OOM_NOTED.add(key)
+    was = f'{int(shape[0])}x{int(shape[1])} LR px as a whole' if size is None else f'tiles of {size} LR px'
+    logger.warning(
+        'out of memory restoring %s: retrying with tiles of %d LR px (pass --tile %d, or set val.tile.size, to start '
+        'there)', was, smaller, smaller)
+
+
+def _out_of_memory_error(exc: BaseException, size: Optional[int], official: bool,
+                         amp_dtype: Optional[torch.dtype]) -> torch.cuda.OutOfMemoryError:
+    """The error raised when smaller tiles cannot help any more, with what may."""
+    if official:
+        where = ('with the official MambaCSR chops (fixed size); use --no-official-protocol with --tile N '
+                 '(or val.tile.size) for tiles that shrink on out-of-memory errors')
+    else:
+        where = f'even with tiles of {size} LR px (the smallest the fallback tries); try a smaller --tile'
+    fix = '' if amp_dtype is not None else ', or --fp16/--bf16 (half the activation memory)'
+    return torch.cuda.OutOfMemoryError(f'out of memory {where}{fix}; the device error was: {str(exc)[:300]}')
 
 
 # ----------------------------------------------------------------------------- settings: ONE resolver
