@@ -7,13 +7,16 @@ loss with "The size of tensor a (32) must match ... (24)"; the authors' own opti
 (``val1`` dataset keys, one-element list ``dataroot_gt``). Two hooks fix that:
 
 * :func:`normalizing_yaml` (around BasicSR's ``parse_options``, which crashes on list dataroots
-  while it reads the YAML): one-element ``dataroot_gt`` / ``dataroot_lq`` lists become the string,
-  several folders are refused (see :func:`normalize_dataroots`);
-* :func:`check_options` (on the parsed dict, after ``--force_yml``): dataset keys ``val<N>`` /
+  while it reads the YAML): ``--force_yml`` entries applied, typed as YAML and key-checked
+  (:func:`split_force_yml`, :func:`parse_force_yml`, :func:`apply_force_yml`; BasicSR keeps them as
+  text and fails on a misspelt key with a traceback), one-element ``dataroot_gt`` / ``dataroot_lq``
+  lists become the string, several folders are refused (see :func:`normalize_dataroots`);
+* :func:`check_options` (on the parsed dict): dataset keys ``val<N>`` /
   ``test<N>`` renamed ``val_<N>`` / ``test_<N>`` (the form BasicSR's pipelines read), registered
   ``model_type`` / dataset ``type`` / ``network_*.type`` (with what to use instead of the HAT
   repository's own classes), every ``network_*`` key against the arch's constructor, and ``scale``
-  against ``network_g.upscale`` (its default when absent). ``basicsr infer`` calls
+  against ``network_g.upscale`` (its default when absent), then the ``train`` keys and numbers, AMP,
+  tiles and ``path.pretrain_network_g`` (see its docstring). ``basicsr infer`` calls
   :func:`check_network` on the network it builds.
 
 Every problem raises :class:`OptionError` with one message naming the file, the option key and the
