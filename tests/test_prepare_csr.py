@@ -127,7 +127,8 @@ def test_resume_after_a_killed_run(gt_dir, tmp_path, monkeypatch):
         prepare_csr(config(gt_dir, out, crop=32, step=32))
     monkeypatch.setattr(prepare_module.os, 'replace', real_replace)
     partial = snapshot(out)
-    assert not [p for p in partial if osp.basename(p).startswith('.')]  # an interrupted write removes its temporary
+    # an interrupted write removes its temporary; the run's lock file (free once the run ends) stays
+    assert [p for p in partial if osp.basename(p).startswith('.')] == [prepare_module.LOCK_NAME]
     (out / 'GT' / f'.{NAMES[0]}.png.999999.tmp').write_bytes(b'partial')  # ... a kill -9 would leave one behind
     for path, data in partial.items():  # every visible PNG is complete and correct
         if not osp.basename(path).startswith('.'):

@@ -22,8 +22,17 @@ existing ``LQ_q<Q>/<stem>.png`` (or ``GT/<stem>.png``) means that part is comple
 skips it. A corrupt input is reported, listed in the manifest and skipped; the others finish.
 Re-running with a different scale, downsample or crop/step/thresh into the same ``out`` is refused
 (new qualities and new source images are fine; every run completes all the qualities ``out``
-holds). Do not run two instances on one ``out`` at once: each removes the other's in-progress
-temporaries on start.
+holds). One run at a time per ``out``: a run holds an exclusive lock on ``out/.prepare-csr.lock``
+(``fcntl.flock``, released by the kernel even when the run is killed) and a second run is refused
+(:class:`PrepareError` naming the first run's pid) before it changes anything. Temporaries of killed
+runs are removed on start by the project's one pid-checked cleaner
+(:func:`mambacsr_arch.fileio.remove_stale_temp_files`); PNGs are written by its one image writer
+(:func:`mambacsr_arch.fileio.write_image_atomic`) and LMDBs built in a hidden folder renamed into
+place (:func:`mambacsr_arch.fileio.atomic_dir`).
+
+Too small: a GT smaller than ``scale`` (nothing left after the mod-crop), or, with
+``matlab_bicubic``, whose LQ would be 1 pixel on a side (the MATLAB kernel needs 2), is reported
+as failed and named (exit 1); the other images are prepared.
 
 Content checks (nothing prepared is reused on the strength of its name alone):
 
@@ -66,7 +75,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from ..fileio import write_bytes_atomic
+from ..fileio import (FolderLocked, atomic_dir, folder_lock, remove_stale_temp_files, write_bytes_atomic,
+                      write_image_atomic)
 from .degradations import DOWNSAMPLE_METHODS, check_quality, degrade_csr, mod_crop
 from .image_io import ImageFolderError, ImageReadError, decode_image_bgr8, list_image_files
 
@@ -78,6 +88,7 @@ _OUTPUT_FOLDER = re.compile(r'^(GT|LQ_q\d+)(_sub)?$')  # the image folders prepa
 _OUTPUT_ENTRY = re.compile(r'^(GT|LQ_q\d+)(_sub)?(\.lmdb)?$', re.IGNORECASE)  # ... and their LMDBs, any case
 _SUB_SUFFIX = re.compile(r'_s\d{3,}$')  # <stem>_s001: a sub-image key -> its image's stem
 LMDB_RECORD = 'prepare_csr.json'  # in each <folder>.lmdb: what the LMDB was built from
+LOCK_NAME = '.prepare-csr.lock'  # in --out: held (flock) by the one run writing there; holds its pid
 
 
 class PrepareError(ValueError):
@@ -146,11 +157,14 @@ def subimage_grid(height: int, width: int, crop: int, step: int, thresh: int) ->
 
 
 def _write_png(path: str, img: np.ndarray) -> None:
-    """Write ``img`` as PNG atomically: hidden temporary file in the same folder, then rename."""
-    ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
-    if not ok:
-        raise OSError(f'cv2.imencode could not encode {path} as PNG')
-    write_bytes_atomic(path, buf.tobytes())
+    """Write ``img`` as PNG atomically (the project's one image writer)."""
+    write_image_atomic(path, img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+
+
+def min_gt_side(scale: int, downsample: str) -> int:
+    """Smallest GT side (after the mod-crop) that :func:`degrade_csr` can downscale: ``scale`` px, or
+    ``2 * scale`` for ``matlab_bicubic`` (its kernel cannot make a 1-pixel LQ side)."""
+    return 2 * scale if downsample == 'matlab_bicubic' and scale > 1 else scale
 
 
 def _write_with_subs(img: np.ndarray, folder: str, stem: str, grid: List[Tuple[int, int]], size: int,
@@ -183,12 +197,19 @@ def _process_one(task: Tuple[str, str, str, Sequence[int], Dict[str, Any]]) -> D
         gt = mod_crop(decode_image_bgr8(content, src), scale)
     except ImageReadError as err:
         return {'stem': stem, 'status': 'failed', 'file': src, 'error': str(err)}
-    if gt.shape[0] == 0 or gt.shape[1] == 0:
-        return {'stem': stem, 'status': 'failed', 'file': src, 'error': f'{src}: smaller than scale {scale}.'}
+    smallest = min_gt_side(scale, cfg['downsample'])
+    if min(gt.shape[:2]) < smallest:
+        return {'stem': stem, 'status': 'failed', 'file': src,
+                'error': f'{src}: too small ({gt.shape[1]}x{gt.shape[0]} px after the mod-crop to {scale}); '
+                         f"--scale {scale} with --downsample {cfg['downsample']} needs at least {smallest} px a side."}
     grid = subimage_grid(gt.shape[0], gt.shape[1], crop, cfg['step'], cfg['thresh']) if crop else []
     files = 0
     for quality in todo_q:
-        lq = degrade_csr(gt, scale, quality, cfg['downsample'])
+        try:
+            lq = degrade_csr(gt, scale, quality, cfg['downsample'])
+        except (RuntimeError, ValueError) as err:  # this image only: a worker never aborts the run
+            return {'stem': stem, 'status': 'failed', 'file': src,
+                    'error': f'{src}: cannot degrade it at quality {quality}: {type(err).__name__}: {err}'}
         files += _write_with_subs(lq, osp.join(out, f'LQ_q{quality}'), stem, grid, (crop or 0) // scale, scale)
     if todo_gt:  # last: its presence marks the image as done
         files += _write_with_subs(gt, osp.join(out, 'GT'), stem, grid, crop or 0, 1)
@@ -273,7 +294,10 @@ def _check_config(cfg: PrepareConfig) -> PrepareConfig:
             raise PrepareError(f'--thresh: must be >= 0, got {thresh}.')
     elif step is not None:
         raise PrepareError('--step needs --crop.')
-    workers = max(1, int(cfg.workers))
+    if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
+        raise PrepareError(f'--workers: expected a positive number of processes, got {cfg.workers!r} (e.g. '
+                           '--workers 1).')
+    workers = cfg.workers
     return PrepareConfig(osp.abspath(cfg.gt_dir), osp.abspath(cfg.out_dir), qualities, cfg.scale, cfg.downsample,
                          cfg.crop, step if cfg.crop else None, thresh if cfg.crop else 0, cfg.lmdb, workers,
                          cfg.progress)
@@ -405,9 +429,8 @@ def _output_folders(cfg: PrepareConfig, qualities: Sequence[int]) -> List[str]:
 
 
 def _remove_stale_temporaries(folder: str) -> None:
-    for name in os.listdir(folder):
-        if name.startswith('.') and name.endswith('.tmp'):
-            os.remove(osp.join(folder, name))
+    """Temporaries of killed runs in ``folder`` (the one pid-checked cleaner: a live writer's are kept)."""
+    remove_stale_temp_files(folder)
 
 
 def _lmdb_record(src: str, folder: str, names: List[str], sources: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -441,23 +464,24 @@ def _build_lmdb(out_dir: str, folder: str, verbose: bool, sources: Dict[str, Dic
     except (OSError, ValueError):
         pass  # no record (missing, older prepare-csr, half-written): the LMDB cannot be trusted, rebuild it
     rebuilt = osp.lexists(final)
-    tmp = osp.join(out_dir, f'.{folder}.incomplete.lmdb')
-    for path in (tmp, final):
-        if osp.isdir(path) and not osp.islink(path):
-            shutil.rmtree(path)
-        elif osp.lexists(path):
-            os.remove(path)
-    if names:
-        size = sum(item['size'] for item in record['keys'].values())
+    legacy = osp.join(out_dir, f'.{folder}.incomplete.lmdb')  # the temporary of versions before atomic_dir
+    if osp.isdir(legacy) and not osp.islink(legacy):
+        shutil.rmtree(legacy)
+    if not names:
+        if osp.isdir(final) and not osp.islink(final):
+            shutil.rmtree(final)
+        elif osp.lexists(final):
+            os.remove(final)
+        return final, rebuilt
+    size = sum(item['size'] for item in record['keys'].values())
+    with atomic_dir(final) as tmp:  # .<folder>.lmdb.<pid>.tmp.lmdb: BasicSR wants the .lmdb ending
         with contextlib.ExitStack() as stack:
             if not verbose:  # BasicSR prints and draws a bar per LMDB
                 sink = stack.enter_context(open(os.devnull, 'w'))
                 stack.enter_context(contextlib.redirect_stdout(sink))
                 stack.enter_context(contextlib.redirect_stderr(sink))
             make_lmdb_from_imgs(src, tmp, names, keys, map_size=4 * size + (64 << 20))
-        with open(osp.join(tmp, LMDB_RECORD), 'w', encoding='utf-8') as f:
-            json.dump(record, f)
-        os.replace(tmp, final)
+        write_bytes_atomic(osp.join(tmp, LMDB_RECORD), json.dumps(record).encode('utf-8'))
     return final, rebuilt
 
 
@@ -493,6 +517,26 @@ def prepare_csr(config: PrepareConfig) -> PrepareResult:
     cfg = _check_config(config)
     _check_not_into_source(cfg)
     sources = _list_sources(cfg)
+    _previous_manifest(cfg)  # the refusals that only read come first: a refused run creates nothing
+    _check_outputs_are_ours(cfg, _existing_outputs(cfg.out_dir))
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            stack.enter_context(folder_lock(osp.join(cfg.out_dir, LOCK_NAME), wait=False))
+        except FolderLocked as err:
+            holder = f'process {err.holder}' if err.holder is not None else 'another process'
+            raise PrepareError(f'--out {cfg.out_dir!r} is in use: another basicsr prepare-csr ({holder}) is writing '
+                               'there. Wait for it to finish (then run again to complete), or choose another '
+                               '--out.') from None
+        except OSError as err:
+            raise PrepareError(f'--out: cannot write into {cfg.out_dir!r} ({err.strerror or err}); choose a folder '
+                               'you can write to.') from None
+        return _prepare_locked(cfg, sources)
+
+
+def _prepare_locked(cfg: PrepareConfig, sources: List[Tuple[str, str]]) -> PrepareResult:
+    """:func:`prepare_csr` once this process holds ``out``'s lock (the checks are repeated under it)."""
+    remove_stale_temp_files(cfg.out_dir)  # LMDB folders of killed runs
     old = _previous_manifest(cfg)
     outputs = _existing_outputs(cfg.out_dir)
     _check_outputs_are_ours(cfg, outputs)
