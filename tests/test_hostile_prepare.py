@@ -178,3 +178,60 @@ def test_link_loop_in_the_gt_folder_is_a_clear_error(tmp_path, capsys):
     os.symlink(tmp_path / 'blocked' / 'GT', tmp_path / 'blocked' / 'GT')  # an output folder that is a link loop
     with pytest.raises(PrepareError, match='link loop is in the way'):
         prepare_csr(config(gt_dir, tmp_path / 'blocked'))
+
+
+# ----------------------------------------------------------------------------- too small, two runs, flags, --out
+
+
+def test_gt_too_small_for_the_kernel_is_named_and_the_others_are_prepared(tmp_path, capsys):
+    gt_dir = tmp_path / 'HR'
+    make_image_folder(gt_dir, names=NAMES, size=SIZE)
+    cv2.imwrite(str(gt_dir / 'tiny.png'), photo_bgr('coffee', (6, 40)))  # 4 px after the mod-crop: 1 px LQ
+    out = tmp_path / 'out'
+    code = cli_main(['prepare-csr', '--gt', str(gt_dir), '--out', str(out), '--quality', '10', '--quiet',
+                     '--workers', '2'])
+    err = capsys.readouterr().err
+    assert code == 1 and 'Traceback' not in err, err
+    assert 'tiny.png: too small' in err and 'at least 8 px' in err, err
+    assert sorted(os.listdir(out / 'LQ_q10')) == [f'{n}.png' for n in NAMES]  # the others were finished
+    assert json.loads((out / 'manifest.json').read_text())['failed'][0]['file'].endswith('tiny.png')
+
+
+def test_a_second_run_on_one_out_is_refused_naming_the_first(tmp_path, capsys):
+    from mambacsr_arch.fileio import folder_lock
+
+    gt_dir = tmp_path / 'HR'
+    make_image_folder(gt_dir, names=NAMES, size=SIZE)
+    out = tmp_path / 'out'
+    assert run_cli(capsys, '--gt', gt_dir, '--out', out, '--quality', '10', '--lmdb')[0] == 0
+    before = tree(out)
+    with folder_lock(out / prepare_module.LOCK_NAME):  # a run in progress (flock: another open, even in-process)
+        code, _, err = run_cli(capsys, '--gt', gt_dir, '--out', out, '--quality', '10', '20', '--lmdb')
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
+    assert f'process {os.getpid()}' in err and 'in use' in err, err
+    assert {k: v for k, v in tree(out).items() if k != prepare_module.LOCK_NAME} == \
+        {k: v for k, v in before.items() if k != prepare_module.LOCK_NAME}  # nothing touched
+    assert run_cli(capsys, '--gt', gt_dir, '--out', out, '--quality', '10', '20', '--lmdb')[0] == 0  # lock released
+
+
+@pytest.mark.parametrize('workers', ['0', '-3'])
+def test_workers_below_one_refused(tmp_path, capsys, workers):
+    gt_dir = tmp_path / 'HR'
+    make_image_folder(gt_dir, names=NAMES, size=SIZE)
+    code = cli_main(['prepare-csr', '--gt', str(gt_dir), '--out', str(tmp_path / 'out'), '--quality', '10',
+                     '--quiet', '--workers', workers])
+    err = capsys.readouterr().err
+    assert code == 2 and '--workers' in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    # tests run as root, where chmod 555 does not stop writes: a path under a file cannot be created by anyone
+    gt_dir = tmp_path / 'HR'
+    make_image_folder(gt_dir, names=NAMES, size=SIZE)
+    (tmp_path / 'a_file').write_text('x')
+    before = tree(tmp_path)
+    code, _, err = run_cli(capsys, '--gt', gt_dir, '--out', tmp_path / 'a_file' / 'sub', '--quality', '10')
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
+    assert 'a_file' in err and '--out' in err, err
+    assert tree(tmp_path) == before
