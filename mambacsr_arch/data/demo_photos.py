@@ -8,7 +8,8 @@
 
 The degraded LQ images are made on the fly by ``JPEGDegradedPairedDataset`` (see
 ``options/demo_mambacsr_x4.yml``). Idempotent: when the manifest matches what would be written,
-nothing is rewritten. Sizes are multiples of 4 (``mod_crop`` for x4) so GT and LQ align.
+nothing is rewritten. Sizes are multiples of 4 (``mod_crop`` for x4) so GT and LQ align. Every file is
+written atomically by the project's one image writer (:func:`mambacsr_arch.fileio.write_image_atomic`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from ..fileio import write_bytes_atomic, write_image_atomic
 
 DEFAULT_OUT = osp.join('datasets', 'skimage_demo')
 # name -> longest side after resizing (px); everyday photos and natural textures only (no synthetic charts,
@@ -97,15 +100,14 @@ def export(out: str = DEFAULT_OUT) -> bool:
                 os.remove(stale)
     for path, (_, _, img) in zip(files, images):
         os.makedirs(osp.dirname(path), exist_ok=True)
-        if not cv2.imwrite(path, img):
-            raise OSError(f'cv2.imwrite failed for {path}: is the folder writable?')
-    with open(manifest_path, 'w', encoding='utf-8') as f:  # written last: marks a complete export
-        f.write(manifest)
+        write_image_atomic(path, img)  # a killed export never leaves a half-written photo behind
+    write_bytes_atomic(manifest_path, manifest.encode('utf-8'))  # written last: marks a complete export
     return True
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m mambacsr_arch.data.demo_photos', description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m mambacsr_arch.data.demo_photos',
+                                     description=__doc__.split('\n')[0])
     parser.add_argument('--out', default=DEFAULT_OUT, help=f'output folder (default: {DEFAULT_OUT})')
     args = parser.parse_args(argv)
     wrote = export(args.out)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from basicsr.metrics import calculate_metric
 from basicsr.utils import tensor2img
 
-from ..fileio import write_bytes_atomic
+from ..fileio import write_bytes_atomic, write_image_atomic
 
 __all__ = ['bicubic_upsample', 'comparison_panel', 'metric_label', 'metric_plot', 'plot_metric_names', 'psnr_option',
            'record_metrics', 'save_comparisons', 'save_metric_plots', 'write_png']
@@ -49,10 +49,7 @@ def bicubic_upsample(lq: torch.Tensor, scale: int, gt: torch.Tensor) -> torch.Te
 def write_png(path: str, img: np.ndarray) -> None:
     """Write ``img`` (uint8 BGR) to ``path`` atomically; an OSError names the path when it fails."""
     os.makedirs(osp.dirname(path) or '.', exist_ok=True)
-    ok, encoded = cv2.imencode('.png', img)
-    if not ok:
-        raise OSError(f'cannot encode {path} as PNG (cv2.imencode failed).')
-    write_bytes_atomic(path, encoded.data)
+    write_image_atomic(path, img)  # the project's one image writer (encode by extension, atomic)
 
 
 def metric_label(metric_opt: Mapping[str, Any]) -> str:
