@@ -33,16 +33,22 @@ env: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_scan.py
 
-# gpu-wheels: what benchmarks/gpu_check.py needs on an offline GPU machine that has torch + triton but
-# not our pure-Python dependencies. Run here (with internet); copy wheels/ to the GPU machine's checkout.
+# gpu-wheels: everything benchmarks/gpu_check.py needs beyond torch (+ triton) on an offline GPU machine whose
+# image may be a bare CUDA torch: our dependencies and BasicSR's, as wheels for that machine's Python and
+# platform, pinned by $(CONSTRAINTS) where it pins them. Run here (with internet); bring wheels/ to the GPU
+# machine's checkout. gpu_check.py installs from it only what is missing there, and says which.
 # basicsr has no wheel on PyPI: it is built here (pure Python; torch must be importable, hence the venv).
+# Names are distributions (pip's); gpu_check.NEEDED maps import names to them.
 GPU_PYTHON ?= 3.12
-GPU_PLATFORM ?= manylinux2014_x86_64
+GPU_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+	manylinux1_x86_64
+GPU_WHEELS ?= addict future yapf platformdirs lmdb pyyaml tqdm safetensors numpy numba llvmlite \
+	opencv-python-headless scikit-image scipy pillow imageio tifffile networkx lazy-loader packaging
 gpu-wheels: $(STAMP)
 	mkdir -p wheels
 	$(PIP) wheel --quiet --no-deps --no-build-isolation -c $(CONSTRAINTS) -w wheels basicsr
-	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
-		--platform $(GPU_PLATFORM) -c $(CONSTRAINTS) -d wheels addict lmdb yapf future
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -c $(CONSTRAINTS) -d wheels $(GPU_WHEELS)
 	ls wheels
 
 clean-venv:

@@ -6,12 +6,15 @@ bring ``wheels/`` (``make gpu-wheels`` on a machine with internet; see benchmark
     python benchmarks/gpu_check.py OUT_DIR                 # on the GPU machine, from the repository root
     python benchmarks/gpu_check.py OUT_DIR --dry-run       # tiny sizes on the CPU (CI runs this)
 
-Missing packages (basicsr, addict, lmdb, yapf, future) are installed from ``--wheels`` (default
-``wheels/``) with ``pip install --no-index``; if that is impossible the script stops and says what to
+Packages of :data:`NEEDED` that are missing (a bare CUDA torch image lacks all; the usual GPU images
+lack basicsr, addict, yapf, platformdirs, future, lmdb) are installed from ``--wheels`` (default
+``wheels/``) with ``pip install --no-index --no-deps --target OUT_DIR/site-packages`` (the machine's
+environment is left alone), and the script says which; if that is impossible it stops and says what to
 bring. Sections (each one's failure is recorded and the next one runs):
 
 1. golden: tests/data/golden fixtures through every usable backend, max abs error vs stored outputs (<= 1e-4)
-2. agree: backends vs the ``reference`` backend at MambaCSR sizes (D 720, N 16, groups 4): output and gradients
+2. agree: the GPU backends' own check scans (what the automatic choice requires), then backends vs the
+   ``reference`` backend at MambaCSR sizes (D 720, N 16, groups 4): output and gradients
 3. scan: seconds per call, B = 1 and 4, D 720, N 16, L 4096, forward and forward+backward; ratios in this run
 4. models: MambaCSR vs HAT (released x4 configs), LR 64, batch 4: forward latency, training step, fp32 and
    bf16 autocast, peak memory
@@ -19,6 +22,8 @@ bring. Sections (each one's failure is recorded and the next one runs):
    ``basicsr infer`` with tiling
 
 Prints one table; writes OUT_DIR/gpu_check.json (every figure measured in this run; nothing else).
+Run under ``TRITON_INTERPRET=1`` with ``--dry-run``, the ``triton`` rows run too, through Triton's CPU
+interpreter (CI does this).
 """
 from __future__ import annotations
 
@@ -37,27 +42,51 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-NEEDED = ('basicsr', 'addict', 'lmdb', 'yapf', 'future')  # import names == wheel names here
+# import name -> distribution (wheel) name: what basicsr, this package and gpu_check import beyond torch, triton
+# and the standard library; ``make gpu-wheels`` brings a wheel of each (its GPU_WHEELS list, plus basicsr)
+NEEDED = {
+    'basicsr': 'basicsr', 'addict': 'addict', 'yapf': 'yapf', 'platformdirs': 'platformdirs', 'future': 'future',
+    'lmdb': 'lmdb', 'yaml': 'pyyaml', 'tqdm': 'tqdm', 'safetensors': 'safetensors', 'numpy': 'numpy',
+    'numba': 'numba', 'llvmlite': 'llvmlite', 'cv2': 'opencv-python-headless', 'skimage': 'scikit-image',
+    'scipy': 'scipy', 'PIL': 'pillow', 'imageio': 'imageio', 'tifffile': 'tifffile', 'networkx': 'networkx',
+    'lazy_loader': 'lazy-loader', 'packaging': 'packaging',
+}
 GOLDEN_TOL = 1e-4
 AGREE_RTOL = 1e-3  # max abs difference / max abs reference value, outputs and gradients
 
 
-def ensure_dependencies(wheels: str) -> None:
-    """Import what BasicSR needs; install what is missing from ``wheels`` (no index), else exit with the fix."""
-    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+def missing_dependencies() -> List[str]:
+    """Distribution names of the :data:`NEEDED` modules this Python cannot find."""
+    return [dist for module, dist in NEEDED.items() if importlib.util.find_spec(module) is None]
+
+
+def ensure_dependencies(wheels: str, target: str) -> List[str]:
+    """Install the missing :data:`NEEDED` packages from ``wheels`` (no index, no dependency resolution) into
+    ``target``, which goes first on sys.path and PYTHONPATH (for the CLI subprocesses); returns what was
+    installed. Exits with the fix if wheels are missing or do not install."""
+    missing = missing_dependencies()
     if not missing:
-        return
+        print('dependencies: all present, nothing installed', flush=True)
+        return []
     files = os.listdir(wheels) if osp.isdir(wheels) else []
     if not files:
         sys.exit(f'gpu_check: missing {", ".join(missing)} and no wheels in {wheels}. On a machine with internet, '
                  f'run `make gpu-wheels` in the repository and copy its wheels/ folder here (see benchmarks/README.md)')
-    print(f'installing {", ".join(missing)} from {wheels} (no index)', flush=True)
-    cmd = [sys.executable, '-m', 'pip', 'install', '--no-index', '--no-deps', '--find-links', wheels, *missing]
+    print(f'dependencies: installing {", ".join(missing)} from {wheels} (no index) into {target}', flush=True)
+    cmd = [sys.executable, '-m', 'pip', 'install', '--quiet', '--no-index', '--no-deps', '--no-cache-dir',
+           '--find-links', wheels, '--target', target, *missing]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f'gpu_check: `{" ".join(cmd)}` failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}\n'
                  f'bring wheels for this Python ({platform.python_version()}) with `make gpu-wheels GPU_PYTHON=...`')
+    sys.path.insert(0, target)
+    os.environ['PYTHONPATH'] = target + os.pathsep + os.environ.get('PYTHONPATH', '')
     importlib.invalidate_caches()
+    still = missing_dependencies()
+    if still:
+        sys.exit(f'gpu_check: {", ".join(still)} still missing after installing from {wheels}; run `make gpu-wheels` '
+                 'again (its GPU_WHEELS list must name them)')
+    return missing
 
 
 class Report:
@@ -120,9 +149,10 @@ def timed(fn: Callable[[], Any], device, repeat: int) -> float:
 
 
 def scan_backends(device) -> List[str]:
-    """Usable fused/portable backends for tensors on ``device`` (not 'reference')."""
+    """Usable fused/portable backends for tensors on ``device`` (not 'reference'): on a GPU, those whose
+    check scan passed."""
     from mambacsr_arch.ops import available_backends, dispatch
-    usable = available_backends()
+    usable = available_backends(device.type)
     return [row.name for row in dispatch.TABLE
             if row.name != 'reference' and usable[row.name] is None and row.runs_on(device.type)]
 
@@ -140,7 +170,9 @@ def check_golden(rep: Report, device, dry: bool) -> None:
         net = ARCH_REGISTRY.get(golden['type'])(**golden['network_g']).eval().to(device)
         net.load_state_dict(golden['state_dict'], strict=True)
         backends = scan_backends(device) if golden['type'] == 'MambaCSR' else ['-']
-        for backend in backends[:1] if dry else backends:
+        if dry:  # the first backend, and triton when it runs here (TRITON_INTERPRET=1)
+            backends = backends[:1] + [b for b in backends[1:] if b == 'triton']
+        for backend in backends:
             with use_backend(None if backend == '-' else backend), torch.no_grad():  # '-': HAT, no scan
                 out = net(golden['input'].to(device))
             err = (out.float().cpu() - golden['output']).abs().max().item()
@@ -173,7 +205,23 @@ def _scan_fb(inputs: Dict[str, Any], backend: str, backward: bool, use_z: bool =
     return out, {k: v.grad for k, v in leaves.items() if v.grad is not None}
 
 
+def check_backend_checks(rep: Report, device) -> None:
+    """The check scan each GPU backend must pass before the automatic choice takes it (dispatch's)."""
+    from mambacsr_arch.ops import available_backends, dispatch
+    probes, checked = available_backends(), available_backends(device.type)
+    for row in dispatch.TABLE:
+        if row.check is None or device.type not in row.check_devices:
+            continue
+        if probes[row.name] is not None:  # not installed or not loadable: reported, not a failure of the check
+            rep.add('agree', f'{row.name} check scan: not run ({probes[row.name][:120]})', '-')
+            continue
+        reason = checked[row.name]
+        rep.add('agree', f'{row.name} check scan (forward + 8 gradients vs float64)', reason or 'passed',
+                'passed', reason is None)
+
+
 def check_agreement(rep: Report, device, dry: bool) -> None:
+    check_backend_checks(rep, device)
     dim, length = (8, 200) if dry else (720, 4096)
     inputs = _scan_inputs(1, dim, length, device)
     ref_out, ref_grads = _scan_fb(inputs, 'reference', True)
@@ -345,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     out_dir = osp.abspath(args.out_dir)
-    ensure_dependencies(args.wheels)
+    installed = ensure_dependencies(args.wheels, osp.join(out_dir, 'site-packages'))
     sys.path.insert(0, ROOT)
     import torch
 
@@ -355,11 +403,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.exit('gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); use --dry-run for a CPU smoke run')
     device = torch.device('cpu' if args.dry_run else 'cuda')
     meta = dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), dry_run=args.dry_run, python=platform.python_version(),
+                installed_from_wheels=installed, triton_interpret=os.environ.get('TRITON_INTERPRET'),
                 torch=torch.__version__, cuda=torch.version.cuda,
                 gpu=torch.cuda.get_device_name() if device.type == 'cuda' else None,
                 triton=getattr(importlib.import_module('triton'), '__version__', None)
                 if importlib.util.find_spec('triton') else None,
-                scan_backends=available_backends(), auto_backend=resolve_backend(device))
+                scan_backends=available_backends(device.type), auto_backend=resolve_backend(device))
     print(json.dumps(meta, indent=1, default=str), flush=True)
     rep = Report(out_dir, meta)
     sections = {'golden': lambda: check_golden(rep, device, args.dry_run),
