@@ -146,3 +146,19 @@ def test_missing_folder_and_oversized_crop(folders):
         evaluate_folders(str(sr_dir / 'nope'), str(gt_dir))
     with pytest.raises(EvalError, match='too small for --crop-border 48'):
         evaluate_folders(str(sr_dir), str(gt_dir), suffix='_x4', crop_border=48)
+
+
+def test_pairing_is_the_datasets_pairing_by_stem(folders, tmp_path, capsys):
+    """eval pairs through data/pairing.py: any extension on either side, ambiguous stems named, odd suffixes."""
+    _, gt_dir, arrays = folders
+    sr_dir = tmp_path / 'sr'
+    sr_dir.mkdir()
+    for name, (sr, _) in arrays.items():
+        cv2.imwrite(str(sr_dir / f'{name}_{{x4}}.bmp'), sr)  # braces in the suffix are not a template
+    (sr_dir / 'notes.txt').write_text('not an image: ignored')
+    assert [p[0] for p in pair_files(str(sr_dir), str(gt_dir), '_{x4}')] == sorted(arrays)
+    cv2.imwrite(str(sr_dir / 'coffee_{x4}.png'), arrays['coffee'][0])  # a second file with one stem
+    code = cli_main.main(['eval', '--restored', str(sr_dir), '--gt', str(gt_dir), '--suffix', '_{x4}'])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
+    assert "'coffee_{x4}.bmp' and 'coffee_{x4}.png'" in err and '--restored' in err, err

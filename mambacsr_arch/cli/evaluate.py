@@ -32,13 +32,15 @@ import os.path as osp
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+from mambacsr_arch.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED_PAIRS, EXIT_CONFIG = 0, 1, 2
 
 
-class EvalError(Exception):
-    """A problem the user must fix; the message names the files involved."""
+class EvalError(ConfigError):
+    """A problem the user must fix; the message names the files involved (a ConfigError: exit 2)."""
 
 
 @dataclass
@@ -66,10 +68,6 @@ class EvalResult:
         return len(self.records)
 
 
-def _stem(path: str) -> str:
-    return osp.splitext(osp.basename(path))[0]
-
-
 def _image_files(folder: str, flag: str) -> List[str]:
     from mambacsr_arch.data.image_io import ImageFolderError, list_image_files
 
@@ -87,38 +85,32 @@ def _image_files(folder: str, flag: str) -> List[str]:
 def pair_files(restored_dir: str, gt_dir: str, suffix: str = '') -> List[Tuple[str, str, str]]:
     """Match restored ``<name><suffix>.*`` to GT ``<name>.*``; returns sorted (name, restored, gt).
 
+    The pairing is the project's one pairing by stem (:func:`mambacsr_arch.data.pairing.match_by_stem`,
+    the datasets' rule) with ``filename_tmpl = '{}' + suffix``; the messages are eval's own.
+
     Raises:
         EvalError: a folder is missing or empty; a name is ambiguous (two files with one stem);
             or some files have no partner (all of them listed, on one line).
     """
-    gts: Dict[str, List[str]] = {}
-    for path in _image_files(gt_dir, '--gt'):
-        gts.setdefault(_stem(path), []).append(path)
-    restored: Dict[str, List[str]] = {}
-    orphans: List[str] = []
-    for path in _image_files(restored_dir, '--restored'):
-        stem = _stem(path)
-        name = stem
-        if suffix:
-            name = stem[:-len(suffix)] if stem.endswith(suffix) else ''
-        if name in gts:
-            restored.setdefault(name, []).append(path)
-        else:
-            orphans.append(osp.basename(path))
-    ambiguous = [' / '.join(osp.basename(p) for p in paths) for group in (gts, restored) for paths in group.values()
-                 if len(paths) > 1]
-    if ambiguous:
-        raise EvalError(f"ambiguous names (one stem, several files): {'; '.join(ambiguous)}; keep one of each.")
-    missing = [osp.basename(paths[0]) for name, paths in sorted(gts.items()) if name not in restored]
-    if orphans or missing:
+    from mambacsr_arch.data.image_io import ImageFolderError
+    from mambacsr_arch.data.pairing import PairingError, match_by_stem
+
+    _image_files(gt_dir, '--gt')  # missing, empty or unlistable folders: named by their flag
+    _image_files(restored_dir, '--restored')
+    template = '{}' + suffix.replace('{', '{{').replace('}', '}}')
+    try:
+        match = match_by_stem(restored_dir, gt_dir, template, lq_label='--restored', gt_label='--gt')
+    except (PairingError, ImageFolderError) as err:
+        raise EvalError(f'{err}'.replace('\n', ' ')) from err
+    if match.extra or match.missing:
         parts = []
-        if orphans:
+        if match.extra:
             parts.append(f"restored without GT (expected '<name>{suffix}.<ext>' with a GT '<name>.*' in "
-                         f"'{gt_dir}'): {', '.join(orphans)}")
-        if missing:
-            parts.append(f"GT without restored '<name>{suffix}.*' in '{restored_dir}': {', '.join(missing)}")
+                         f"'{gt_dir}'): {', '.join(match.extra)}")
+        if match.missing:
+            parts.append(f"GT without restored '<name>{suffix}.*' in '{restored_dir}': {', '.join(match.missing)}")
         raise EvalError('unpaired files: ' + '; '.join(parts) + ' (check --suffix).')
-    return [(name, restored[name][0], gts[name][0]) for name in sorted(restored)]
+    return [(name, restored, gt) for name, restored, gt in match.pairs]
 
 
 def score_pair(restored_path: str, gt_path: str, crop_border: int = 0,

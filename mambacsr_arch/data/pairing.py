@@ -25,11 +25,13 @@ from __future__ import annotations
 import logging
 import os
 import os.path as osp
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .image_io import IMAGE_EXTENSIONS, iter_folder_files
 
-__all__ = ['PairingError', 'paired_paths_from_folder', 'paired_paths_from_meta_info_file', 'lq_stem']
+__all__ = ['PairingError', 'StemMatch', 'match_by_stem', 'paired_paths_from_folder', 'paired_paths_from_meta_info_file',
+           'lq_stem']
 
 logger = logging.getLogger('basicsr')
 _SHOWN = 5  # names listed per problem in an error message
@@ -64,8 +66,9 @@ def lq_stem(gt_stem: str, filename_tmpl: str) -> str:
 class _Folder:
     """The files directly inside one folder, images indexed by stem (ambiguity checked)."""
 
-    def __init__(self, folder: str, key: str) -> None:
+    def __init__(self, folder: str, key: str, label: Optional[str] = None) -> None:
         self.folder, self.key = folder, key
+        label = label if label is not None else f'dataroot_{key}'
         names = sorted(iter_folder_files(folder))  # loop-safe; ImageFolderError names a bad entry
         self.others = [n for n in names if not _is_image(n)]
         self.by_stem: Dict[str, str] = {}
@@ -77,12 +80,49 @@ class _Folder:
             else:
                 self.by_stem[stem] = name
         if clashes:
-            raise PairingError(f"dataroot_{key} '{folder}': more than one image with the same stem: "
+            raise PairingError(f"{label} '{folder}': more than one image with the same stem: "
                                f"{'; '.join(clashes[:_SHOWN])}. Files are paired by stem whatever their "
                                'extension, so each stem must be unique: move or delete the extra files.')
 
     def non_images_with_stem(self, stem: str) -> List[str]:
         return [n for n in self.others if osp.splitext(n)[0] == stem]
+
+
+@dataclass
+class StemMatch:
+    """:func:`match_by_stem`'s answer: the pairs, and the files of each side left without a partner."""
+    pairs: List[Tuple[str, str, str]] = field(default_factory=list)  # (GT stem, LQ path, GT path), by GT stem
+    missing: List[str] = field(default_factory=list)  # GT names without LQ (a note if a non-image has the stem)
+    extra: List[str] = field(default_factory=list)  # LQ names that match no GT
+    lq_folder: str = ''
+    gt_folder: str = ''
+
+
+def match_by_stem(lq_folder: str, gt_folder: str, filename_tmpl: str = '{}', lq_label: str = 'dataroot_lq',
+                  gt_label: str = 'dataroot_gt') -> StemMatch:
+    """The project's one pairing by stem: GT ``<stem>.*`` with the LQ image named ``filename_tmpl.format(stem)``.*.
+
+    Unpaired files are returned, not raised (each caller words its own message: datasets, ``basicsr eval``);
+    an ambiguous stem (``a.jpg`` and ``a.png`` in one folder) raises :class:`PairingError` naming both
+    and the folder by ``lq_label`` / ``gt_label``.
+    """
+    return _match(_Folder(os.fspath(lq_folder), 'lq', lq_label), _Folder(os.fspath(gt_folder), 'gt', gt_label),
+                  filename_tmpl)
+
+
+def _match(lq: _Folder, gt: _Folder, filename_tmpl: str) -> StemMatch:
+    match, used = StemMatch(lq_folder=lq.folder, gt_folder=gt.folder), set()
+    for stem in sorted(gt.by_stem):
+        want = lq_stem(stem, filename_tmpl)
+        lq_name = lq.by_stem.get(want)
+        if lq_name is None:
+            near = lq.non_images_with_stem(want)
+            match.missing.append(gt.by_stem[stem] + (f" (found {_listing(near)}, not an image type)" if near else ''))
+            continue
+        used.add(want)
+        match.pairs.append((stem, osp.join(lq.folder, lq_name), osp.join(gt.folder, gt.by_stem[stem])))
+    match.extra = [name for stem, name in sorted(lq.by_stem.items()) if stem not in used]
+    return match
 
 
 def paired_paths_from_folder(folders: Sequence[str], keys: Sequence[str],
@@ -97,18 +137,9 @@ def paired_paths_from_folder(folders: Sequence[str], keys: Sequence[str],
         raise PairingError(f'expected folders [lq, gt] and keys [lq, gt], got {list(folders)} and {list(keys)}.')
     lq_key, gt_key = keys
     lq, gt = _Folder(os.fspath(folders[0]), lq_key), _Folder(os.fspath(folders[1]), gt_key)
-    paths, missing, used = [], [], set()
-    for stem in sorted(gt.by_stem):
-        want = lq_stem(stem, filename_tmpl)
-        lq_name = lq.by_stem.get(want)
-        if lq_name is None:
-            near = lq.non_images_with_stem(want)
-            missing.append(gt.by_stem[stem] + (f" (found {_listing(near)}, not an image type)" if near else ''))
-            continue
-        used.add(want)
-        paths.append({f'{lq_key}_path': osp.join(lq.folder, lq_name),
-                      f'{gt_key}_path': osp.join(gt.folder, gt.by_stem[stem])})
-    extra = [name for stem, name in sorted(lq.by_stem.items()) if stem not in used]
+    match = _match(lq, gt, filename_tmpl)
+    paths = [{f'{lq_key}_path': lq_path, f'{gt_key}_path': gt_path} for _, lq_path, gt_path in match.pairs]
+    missing, extra = match.missing, match.extra
     if missing or extra:
         problems = []
         if missing:
