@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_path, temp_path_for  # noqa: F401  (temp_path_for: the pattern cleaned below)
+from ..fileio import _TEMP_NAME  # noqa: F401  (the pattern cleaned; tests check it against temp_path_for)
 from ..fileio import remove_stale_temp_files as _remove_stale
 
 logger = logging.getLogger('basicsr')
