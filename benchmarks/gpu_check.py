@@ -170,9 +170,9 @@ def check_golden(rep: Report, device, dry: bool) -> None:
         net = ARCH_REGISTRY.get(golden['type'])(**golden['network_g']).eval().to(device)
         net.load_state_dict(golden['state_dict'], strict=True)
         backends = scan_backends(device) if golden['type'] == 'MambaCSR' else ['-']
-        if dry:  # the first backend, and triton when it runs here (TRITON_INTERPRET=1)
-            backends = backends[:1] + [b for b in backends[1:] if b == 'triton']
-        for backend in backends:
+        # dry: the first backend only (a whole network through triton's interpreter takes minutes; the agree
+        # and scan sections run triton there)
+        for backend in backends[:1] if dry else backends:
             with use_backend(None if backend == '-' else backend), torch.no_grad():  # '-': HAT, no scan
                 out = net(golden['input'].to(device))
             err = (out.float().cpu() - golden['output']).abs().max().item()
@@ -310,11 +310,12 @@ def check_models(rep: Report, device, dry: bool) -> None:
             rep.add('models', f'{name} {label} LR {size} batch {batch} train step s', train)
             if device.type == 'cuda':
                 rep.add('models', f'{name} {label} peak memory GiB', torch.cuda.max_memory_allocated(device) / 2**30)
-        del net, opt
+        net = opt = None  # free this model before the next is built (the closures above read them)
     for label, times in step.items():
         ratio = times['MambaCSR'] / times['HAT']
         target = '<= 2' if label == 'bf16' else ''
-        rep.add('models', f'train step MambaCSR / HAT {label}', ratio, target, (ratio <= 2) if target and not dry else None)
+        rep.add('models', f'train step MambaCSR / HAT {label}', ratio, target,
+                (ratio <= 2) if target and not dry else None)
 
 
 def _write_photos(folder: str, count: int, size: int) -> None:
@@ -372,7 +373,8 @@ def check_cli(rep: Report, device, dry: bool, out_dir: str) -> None:
             continue
         weights = osp.join(work, 'experiments', opt['name'], 'models', 'net_g_20.pth')
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, '-m', 'mambacsr_arch.cli.main', 'infer', '-i', osp.join(photos, 'train'),
+        result = subprocess.run([sys.executable, '-m', 'mambacsr_arch.cli.main', 'infer',
+                                 '-i', osp.join(photos, 'train'),
                                  '-o', osp.join(work, f'infer_{amp}'), '--opt', path, '--weights', weights,
                                  '--tile', '32', '--tile-overlap', '8', '--device', device.type, '--no-progress'],
                                 cwd=work, env=env, capture_output=True, text=True, timeout=300)
@@ -400,7 +402,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import mambacsr_arch  # noqa: F401  (registers the archs; shims before basicsr)
     from mambacsr_arch.ops import available_backends, resolve_backend
     if not args.dry_run and not torch.cuda.is_available():
-        sys.exit('gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); use --dry-run for a CPU smoke run')
+        sys.exit('gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); use --dry-run for a CPU '
+                 'smoke run')
     device = torch.device('cpu' if args.dry_run else 'cuda')
     meta = dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), dry_run=args.dry_run, python=platform.python_version(),
                 installed_from_wheels=installed, triton_interpret=os.environ.get('TRITON_INTERPRET'),

@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import platform
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 # optional package (import name) -> (what it enables, how to install)
 OPTIONAL_PACKAGES: Dict[str, Tuple[str, str]] = {

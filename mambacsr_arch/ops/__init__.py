@@ -38,8 +38,10 @@ Backends
                tensors through Triton's interpreter (slow; how CI tests it).
 
 Selection: ``backend=`` argument > innermost ``use_backend`` block > ``MAMBACSR_SCAN_BACKEND`` environment variable > automatic
-(``mamba_ssm`` for CUDA if importable, else ``triton`` if its kernels run on the GPU, else ``torch``;
-``cpu`` for CPU tensors if numba imports else ``torch``). The choice is logged once per process on
+(``mamba_ssm`` for CUDA if it imports with its compiled extension and passes a check scan on
+the GPU, else ``triton`` if it passes its check scan, else ``torch``: the check compares the
+forward and every gradient with the float64 reference, once per process; ``cpu`` for CPU
+tensors if numba imports else ``torch``). The choice is logged once per process on
 the ``basicsr`` logger. The backends are rows of ``dispatch.TABLE``: a new backend is one module
 plus one row.
 

@@ -74,7 +74,10 @@ def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     B, C, z in u's dtype and A, D, delta_bias in float32; float32 everywhere keeps the math exact);
     the output is cast back to u's dtype by the caller."""
     fn = load()
-    f32 = (lambda t: None if t is None else t.float())
+
+    def f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.float()
+
     return fn(u.float(), delta.float(), A.float(), B.float(), C.float(), D=f32(D), z=f32(z),
               delta_bias=f32(delta_bias), delta_softplus=delta_softplus,
               return_last_state=return_last_state)
