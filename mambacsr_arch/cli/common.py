@@ -151,8 +151,10 @@ def resolve_network(weights: Optional[str] = None, *, opt: Optional[Mapping[str,
         return ResolvedNetwork(network_opt, state, weights, key_used, strict, summary, entries)
     user = dict(file_net, **overrides)  # a network_g without type overrides like --arch-opt
     if arch and not (stored is not None and stored['type'] == arch):  # 2. --arch, no metadata of that arch
-        found = checkpoint_arch(state)
-        if found is not None and found[0] != arch:
+        from basicsr.utils.registry import ARCH_REGISTRY
+
+        found = checkpoint_arch(state)  # (an unregistered --arch is named by check_network, at build time)
+        if found is not None and found[0] != arch and arch in ARCH_REGISTRY:
             raise ConfigError(f"'{weights}' is a {found[0]} checkpoint (it has '{found[1]}'), not a {arch} one: pass "
                               f'--arch {found[0]} with its options, or leave --arch out to detect the network from '
                               'the weights.')
@@ -183,7 +185,7 @@ def build_and_load(resolved: ResolvedNetwork) -> Any:
     try:
         net = build_network(dict(network_opt))
     except (TypeError, ValueError, KeyError) as err:  # wrong or inconsistent constructor kwargs
-        reason = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        reason = (str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)).rstrip('.')
         raise ConfigError(f"cannot build {network_opt.get('type')} with {network_opt}: {reason}. Fix network_g / "
                           '--arch-opt / --network-opt.') from err
     try:
