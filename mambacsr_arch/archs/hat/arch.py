@@ -29,8 +29,8 @@ from torch import nn
 
 from ...registry import registers
 from .blocks import RHAG
-from .checkpoint import describe_mismatch
 from ..layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
+from ..state_dict_report import describe_mismatch, positive_int, positive_number
 
 UPSAMPLERS = ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv', '')
 RPI_KEYS = ('relative_position_index_SA', 'relative_position_index_OCA')
@@ -110,8 +110,33 @@ class HAT(nn.Module):
         if upsampler not in UPSAMPLERS:
             raise ValueError(f'HAT: upsampler must be one of {UPSAMPLERS}, got {upsampler!r} '
                              '(network_g.upsampler; released HAT models use pixelshuffle).')
+        # values that would build a broken network (a zero-width layer, a division by zero, NaN outputs)
+        for name, value in (('in_chans', in_chans), ('embed_dim', embed_dim), ('window_size', window_size),
+                            ('compress_ratio', compress_ratio), ('squeeze_factor', squeeze_factor),
+                            ('upscale', upscale)):
+            positive_int('HAT', name, value)
+        for name, value in (('mlp_ratio', mlp_ratio), ('img_range', img_range)):
+            positive_number('HAT', name, value)
+        if isinstance(overlap_ratio, bool) or not isinstance(overlap_ratio, (int, float)) or overlap_ratio < 0:
+            raise ValueError(f'HAT: overlap_ratio must be a number >= 0, got {overlap_ratio!r} '
+                             '(network_g.overlap_ratio).')
+        if isinstance(depths, int) or isinstance(num_heads, int):
+            raise ValueError(f'HAT: depths and num_heads must be lists (one entry per group), got depths={depths!r}, '
+                             f'num_heads={num_heads!r}.')
+        for name, values in (('depths', depths), ('num_heads', num_heads)):
+            if not len(values):
+                raise ValueError(f'HAT: {name} must be a non-empty list, got {values!r} (network_g.{name}).')
+            for value in values:
+                positive_int('HAT', name, value)
         if len(depths) != len(num_heads):
             raise ValueError(f'HAT: depths {list(depths)} and num_heads {list(num_heads)} must have the same length.')
+        if any(embed_dim % heads for heads in num_heads):
+            raise ValueError(f'HAT: embed_dim {embed_dim} must be divisible by every num_heads {list(num_heads)} '
+                             '(each head gets embed_dim / num_heads channels).')
+        for name, value in (('compress_ratio', compress_ratio), ('squeeze_factor', squeeze_factor)):
+            if embed_dim // value < 1:
+                raise ValueError(f'HAT: embed_dim // {name} = {embed_dim} // {value} is 0 channels; network_g.{name} '
+                                 f'must be <= embed_dim.')
         patches_resolution = [s // p for s, p in zip(to_2tuple(img_size), to_2tuple(patch_size))]
         if min(patches_resolution) < window_size:
             raise ValueError(f'HAT: img_size // patch_size = {patches_resolution} is smaller than window_size '
@@ -271,11 +296,7 @@ class HAT(nn.Module):
         for key in RPI_KEYS:
             if key not in state_dict:
                 state_dict[key] = own[key]
-        if strict:
-            missing = [k for k in own if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in own]
-            wrong_shape = [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}' for k in own
-                           if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-            if missing or unexpected or wrong_shape:
-                raise RuntimeError(describe_mismatch(self.options, state_dict, missing, unexpected, wrong_shape))
+        message = describe_mismatch(self, state_dict, source='the state dict', strict=strict)  # the one report
+        if message:
+            raise RuntimeError(message)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
