@@ -6,11 +6,15 @@ Usage::
     basicsr export --weights net_g.pth --opt options/test_mambacsr_x4.yml -o model.onnx --size 128 96
     basicsr export --weights net_g.pth -o net_g.safetensors        # weights only, no ONNX
 
-The network is ``network_g`` of ``--opt``, else detected from the weights
-(:func:`mambacsr_arch.archs.detect.detect_network`: arch, options, scale; printed once);
-``--arch-opt KEY=VALUE`` overrides either. Weights are read by the one loader
-(:mod:`mambacsr_arch.models.weights`: ``.pth``/``.safetensors``, ``params_ema`` > ``params`` >
-``state_dict`` > ``model`` > ``net`` > bare, ``module.``/``netG.`` stripped) and loaded strictly.
+The network and weights come from the one resolver :func:`mambacsr_arch.cli.common.resolve_network`
+(as ``basicsr infer``; printed once): ``network_g`` of ``--opt``, else the ``network_g`` stored in a
+``.safetensors`` this project wrote, else detected from the weights; ``--arch-opt KEY=VALUE``
+overrides any of them. The entry loaded follows the one rule of :mod:`mambacsr_arch.models.weights`
+(``path.param_key_g``, else ``params``, with ``--opt``; ``params_ema`` then ``params`` without);
+the weights are loaded strictly. A ``.safetensors`` output records in its metadata the entry it
+holds, the ``network_g`` that rebuilds it exactly, and where the source's other entries are; it
+is written with normal file permissions. ``--size``/``--dynamic``/``--opset``/``--tolerance`` with
+a ``.safetensors`` output are refused (they only apply to ONNX).
 
 ONNX: traced with torch's ``torch.export``-based exporter (needs the ``[export]`` extra: onnx,
 onnxscript, onnxruntime) for a (1, in_chans, H, W) input, H x W = ``--size``. MambaCSR's
@@ -33,14 +37,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import os.path as osp
 import re
 import sys
 import time
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
+
+from mambacsr_arch.errors import ConfigError
 
 EXIT_OK, EXIT_MISMATCH, EXIT_CONFIG = 0, 1, 2
 DEFAULT_OPSET = 18
@@ -50,7 +55,7 @@ DEFAULT_TOLERANCE = 1e-3
 EXPORT_CHUNK = 1024
 
 
-class ExportConfigError(Exception):
+class ExportConfigError(ConfigError):
     """A problem the user must fix (flags, option file, weights, missing packages)."""
 
 
@@ -61,13 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--opt', help='option file whose network_g builds the network (default: detect from weights)')
     parser.add_argument('--arch-opt', nargs='+', default=[], metavar='KEY=VALUE',
                         help='network_g overrides; values parsed as YAML: scan_size=16 "depths=[6,6]"')
-    parser.add_argument('--param-key', help='checkpoint entry (default: path.param_key_g with --opt, else the first '
-                        'of params_ema, params, state_dict, model, net, else the bare file)')
+    parser.add_argument('--param-key', help='checkpoint entry (default, as every command: path.param_key_g, else '
+                        'params, with --opt; params_ema, falling back to params, without)')
     parser.add_argument('--size', nargs=2, type=int, metavar=('H', 'W'), help='LR input height and width (ONNX)')
     parser.add_argument('--dynamic', action='store_true', help='symbolic batch size (verified at batch 1 and 3); '
                         'height and width stay --size: the scan orders and attention masks are built for it')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
-    parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,
+    parser.add_argument('--opset', type=int, help=f'ONNX opset (default {DEFAULT_OPSET})')
+    parser.add_argument('--tolerance', type=float,
                         help=f'max abs difference onnxruntime vs PyTorch (default {DEFAULT_TOLERANCE:g})')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random check input (default 0)')
 
@@ -75,53 +80,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- network
 
 
-def resolve_network(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[str], str]:
-    """``(network_g options, state dict, key used, summary line)`` from ``--opt``/detection and ``--arch-opt``."""
-    from mambacsr_arch.archs.detect import DetectionError, detect_network
-    from mambacsr_arch.cli.infer import InferConfigError, _load_option_file, _parse_arch_opts
-    from mambacsr_arch.models.weights import read_checkpoint, select_params
+def resolve_network(args: argparse.Namespace) -> Any:
+    """The network and weights of ``--weights``/``--opt``/``--arch-opt``: the one resolver
+    (:func:`mambacsr_arch.cli.common.resolve_network`, as ``basicsr infer``), loaded strictly."""
+    from mambacsr_arch.cli.common import load_option_file, parse_arch_opts
+    from mambacsr_arch.cli.common import resolve_network as resolve
 
-    try:
-        opt = _load_option_file(args.opt) if args.opt else {}
-        overrides = _parse_arch_opts(args.arch_opt)
-    except InferConfigError as err:
-        raise ExportConfigError(str(err)) from err
-    path_opt = opt.get('path') or {}
-    param_key = args.param_key if args.param_key is not None else path_opt.get('param_key_g', 'auto')
-    try:
-        state, key_used = select_params(read_checkpoint(args.weights), param_key, source=f"'{args.weights}'")
-    except (OSError, KeyError, RuntimeError, ImportError) as err:
-        raise ExportConfigError(str(err).strip('"')) from err
-    if opt:
-        network_opt = dict(opt.get('network_g') or {})
-        if not network_opt.get('type'):
-            raise ExportConfigError(f"option file '{args.opt}' has no network_g.type.")
-        network_opt.update(overrides)
-        summary = f"network_g of '{args.opt}'" + (f' with --arch-opt {overrides}' if overrides else '')
-    else:
-        try:
-            network_opt, summary = detect_network(state, overrides)
-        except DetectionError as err:
-            raise ExportConfigError(f"'{args.weights}': {err}") from err
-    return network_opt, state, key_used, summary
+    opt = load_option_file(args.opt) if args.opt else None
+    return resolve(args.weights, opt=opt, opt_path=args.opt, param_key=args.param_key,
+                   overrides=parse_arch_opts(args.arch_opt), strict=True)
 
 
-def build_network_from(network_opt: Dict[str, Any], state: Dict[str, Any], source: str) -> Any:
-    """The network of ``network_opt`` with ``state`` loaded strictly, in eval mode, on the CPU."""
-    from basicsr.archs import build_network
+def build_network_from(resolved: Any) -> Any:
+    """The resolved network with its weights loaded strictly, in eval mode, on the CPU."""
+    from mambacsr_arch.cli.common import build_and_load
 
-    from mambacsr_arch.models.weights import load_state
-
-    try:
-        net = build_network(dict(network_opt))
-    except (TypeError, ValueError, KeyError) as err:
-        raise ExportConfigError(f'cannot build {network_opt.get("type")} with {network_opt}: {err}; fix network_g '
-                                'or --arch-opt.') from err
-    try:
-        load_state(net, state, strict=True, source=source)
-    except RuntimeError as err:
-        raise ExportConfigError(str(err)) from err
-    return net.eval()
+    return build_and_load(resolved).eval()
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -215,7 +189,15 @@ def _check_output(args: argparse.Namespace) -> str:
     parent = osp.dirname(osp.abspath(out))
     if not osp.isdir(parent):
         raise ExportConfigError(f"-o '{out}': folder '{parent}' does not exist.")
+    given = (('--size', args.size is not None), ('--dynamic', args.dynamic), ('--opset', args.opset is not None),
+             ('--tolerance', args.tolerance is not None))
+    onnx_only = [flag for flag, present in given if present]
+    if ext == '.safetensors' and onnx_only:
+        raise ExportConfigError(f"{', '.join(onnx_only)} only apply to ONNX export; -o '{out}' writes the weights only "
+                                '(.safetensors): drop them, or name a .onnx output.')
     if ext == '.onnx':
+        args.opset = DEFAULT_OPSET if args.opset is None else args.opset
+        args.tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
         if args.size is None:
             raise ExportConfigError('ONNX export needs the input size: --size H W (LR pixels), e.g. --size 64 64.')
         if min(args.size) < 2:
@@ -238,9 +220,11 @@ def _prepare(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any], str]:
     ext = _check_output(args)
     if ext == '.onnx':
         _require_export_packages()
-    network_opt, state, key_used, summary = resolve_network(args)
-    print(f'basicsr export: {summary}')
-    return build_network_from(network_opt, state, f"'{args.weights}' [{key_used or 'root'}]"), network_opt, ext
+    resolved = resolve_network(args)
+    for line in resolved.summary or [f"network_g of '{args.opt}'"]:
+        print(f'basicsr export: {line}')
+    args.resolved = resolved  # the entry loaded and the source's entries: recorded in a .safetensors' metadata
+    return build_network_from(resolved), resolved.network_opt, ext
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,17 +232,18 @@ def run(args: argparse.Namespace) -> int:
     from mambacsr_arch.cli.runtime import load_plugins
 
     load_plugins()
-    try:
-        net, network_opt, ext = _prepare(args)
-        if ext == '.onnx':
-            return _export_and_verify(net, args)
-    except ExportConfigError as err:
-        print(f'basicsr export: error: {err}', file=sys.stderr)
-        return EXIT_CONFIG
-    from mambacsr_arch.models.weights import save_safetensors
+    # configuration errors (ConfigError) propagate to mambacsr_arch.cli.main: one line, exit 2, nothing written
+    net, network_opt, ext = _prepare(args)
+    if ext == '.onnx':
+        return _export_and_verify(net, args)
+    from mambacsr_arch.models.weights import project_metadata, save_safetensors
 
-    save_safetensors(net.state_dict(), args.output, metadata={'network_g': json.dumps(network_opt)})
-    print(f'basicsr export: wrote {args.output} ({len(net.state_dict())} tensors, network_g in its metadata).')
+    resolved = args.resolved
+    key = resolved.key_used or 'none'
+    entries = dict(resolved.entries, **{key: osp.basename(args.output)})
+    save_safetensors(net.state_dict(), args.output, metadata=project_metadata(key, network_opt, entries))
+    print(f"basicsr export: wrote {args.output} ({len(net.state_dict())} tensors of '{key}', network_g in its "
+          'metadata).')
     return EXIT_OK
 
 

@@ -77,26 +77,27 @@ reported, the others are still processed); 2 configuration error (nothing proces
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import os.path as osp
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from mambacsr_arch.cli import infer_outputs
 from mambacsr_arch.cli.infer_outputs import (MANIFEST_NAME, LayoutNotes, OutputPlan, OutputPlanError,  # noqa: F401
                                              existing_output, output_path, read_manifest, record_outputs,
                                              write_manifest)
+from mambacsr_arch.errors import ConfigError
 from mambacsr_arch.fileio import write_image_atomic
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 OUTPUT_EXTENSIONS = ('png', 'jpg', 'jpeg', 'bmp', 'tif', 'tiff', 'webp')
 
 
-class InferConfigError(Exception):
-    """A configuration problem the user must fix (bad option file, weights, device, flags)."""
+class InferConfigError(ConfigError):
+    """A configuration problem the user must fix (bad option file, weights, device, flags): a
+    :class:`~mambacsr_arch.errors.ConfigError`, printed once by :mod:`mambacsr_arch.cli.main` (exit 2)."""
 
 
 @dataclass
@@ -109,6 +110,10 @@ class InferSetup:
     scale: int
     settings: Any  # mambacsr_arch.models.inference.InferenceSettings: tiles, pad multiple, AMP, official protocol
     notes: List[str] = field(default_factory=list)  # lines to show once, e.g. the official protocol in use
+    #: the network and weights, resolved once (common.resolve_network); None until build_model when the
+    #: option file or --arch names the network (the checkpoint is then read there, once)
+    resolved: Any = None
+    request: Dict[str, Any] = field(default_factory=dict)  # resolve_network's arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,83 +172,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- configuration
 
 
-def _load_option_file(path: str) -> Dict[str, Any]:
-    import yaml
-    from basicsr.utils.options import ordered_yaml
-
-    if not osp.isfile(path):
-        raise InferConfigError(f"option file '{path}' does not exist (--opt).")
-    try:
-        with open(path, encoding='utf-8') as f:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
-    except yaml.YAMLError as err:
-        raise InferConfigError(f"option file '{path}' is not valid YAML: {err}") from err
-    if not isinstance(opt, Mapping):
-        raise InferConfigError(f"option file '{path}' must be a YAML mapping with a network_g section.")
-    return dict(opt)
-
-
-def _parse_arch_opts(items: Sequence[str]) -> Dict[str, Any]:
-    import yaml
-
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key.strip():
-            raise InferConfigError(f"--arch-opt '{item}' is not KEY=VALUE (e.g. embed_dim=60).")
-        try:
-            kwargs[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise InferConfigError(f"--arch-opt '{item}': value is not valid YAML ({err}).") from err
-    return kwargs
-
-
-def _detect_network(weights: str, param_key: Optional[str], overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """network_g detected from ``weights`` (MambaCSR or HAT), ``overrides`` (--arch-opt) on top; the summary
-    line to print once is under ``'_detected'``."""
-    from mambacsr_arch.archs.detect import DetectionError, detect_network
-    from mambacsr_arch.models.weights import read_checkpoint, select_params
-
-    try:
-        state, _ = select_params(read_checkpoint(weights), param_key, source=f"'{weights}'")
-        network_opt, summary = detect_network(state, overrides)
-    except DetectionError as err:
-        raise InferConfigError(f"no network: no --opt or --arch, and '{weights}': {err}") from err
-    except (OSError, KeyError, RuntimeError, ImportError) as err:
-        raise InferConfigError(str(err.args[0]) if err.args else str(err)) from err
-    return dict(network_opt, _detected=summary)
-
-
 def resolve_setup(args: argparse.Namespace) -> InferSetup:
-    """Merge option file and flags into an :class:`InferSetup`; raises :class:`InferConfigError`."""
-    opt: Dict[str, Any] = _load_option_file(args.opt) if args.opt else {}
+    """Merge option file and flags into an :class:`InferSetup`; raises :class:`ConfigError`.
+
+    The network comes from :func:`mambacsr_arch.cli.common.resolve_network` (the one resolver
+    ``basicsr export`` uses too): here when no ``network_g.type``/``--arch`` names it (metadata or
+    detection decides, and the scale follows), else in :func:`build_model`.
+    """
+    from mambacsr_arch.cli.common import load_option_file, parse_arch_opts, parse_network_json, resolve_network
+
+    opt: Dict[str, Any] = load_option_file(args.opt) if args.opt else {}
     source = f"option file '{args.opt}'" if args.opt else 'the command line'
-    network_opt = dict(opt.get('network_g') or {})
-    if args.network_opt:
-        try:
-            extra = json.loads(args.network_opt)
-        except json.JSONDecodeError as err:
-            raise InferConfigError(f'--network-opt is not valid JSON ({err}).') from err
-        if not isinstance(extra, dict):
-            raise InferConfigError('--network-opt must be a JSON object, e.g. \'{"embed_dim": 60}\'.')
-        network_opt.update(extra)
-    network_opt.update(_parse_arch_opts(args.arch_opt))
+    overrides = dict(parse_network_json(args.network_opt), **parse_arch_opts(args.arch_opt))
+    network_opt = dict(opt.get('network_g') or {}, **overrides)
     if args.arch:
         network_opt['type'] = args.arch
-
     path_opt = opt.get('path') or {}
     weights = args.weights or path_opt.get('pretrain_network_g')
     if not weights:
         raise InferConfigError(f'no weights: pass --weights X.pth or set path.pretrain_network_g in {source}.')
-    # with an option file, BasicSR's default ('params', as `basicsr test` loads); bare --weights: the EMA
-    # weights of released checkpoints, falling back to 'params'
-    default_key = 'params' if args.opt else 'params_ema'
-    param_key = args.param_key if args.param_key is not None else path_opt.get('param_key_g', default_key)
-    strict = not args.no_strict and bool(path_opt.get('strict_load_g', True))
-    detected: List[str] = []
-    if not network_opt.get('type'):  # no network_g.type, no --arch: arch and options from the weights
-        network_opt = _detect_network(str(weights), param_key, network_opt)
-        detected.append(network_opt.pop('_detected'))
+    request = dict(weights=str(weights), opt=opt if args.opt else None, opt_path=args.opt, param_key=args.param_key,
+                   arch=args.arch, overrides=overrides, strict=False if args.no_strict else None)
+    resolved = None
+    if not network_opt.get('type'):  # no network_g.type, no --arch: the metadata or the weights say
+        resolved = resolve_network(**request)
+        network_opt = resolved.network_opt
 
     if args.scale is not None:
         scale, scale_from = args.scale, '--scale'
@@ -267,8 +220,13 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
             self_ensemble=getattr(args, 'self_ensemble', None))
     except ValueError as err:
         raise InferConfigError(str(err)) from err
+    from mambacsr_arch.models.weights import choose_param_key
+
+    param_key = resolved.key_used if resolved else choose_param_key(args.param_key, path_opt, bool(args.opt))
+    strict = resolved.strict if resolved else not args.no_strict and bool(path_opt.get('strict_load_g', True))
     return InferSetup(network_opt=network_opt, weights=str(weights), param_key=param_key, strict=strict,
-                      scale=int(scale), settings=settings, notes=detected + list(settings.notes))
+                      scale=int(scale), settings=settings, notes=(resolved.summary if resolved else [])
+                      + list(settings.notes), resolved=resolved, request=request)
 
 
 def restore_kwargs(setup: InferSetup, net: Any) -> Dict[str, Any]:
@@ -300,28 +258,20 @@ def resolve_device(name: str):
 
 
 def build_model(setup: InferSetup, device) -> Any:
-    """Build ``network_g``, load the weights, move to ``device``, eval mode."""
-    from basicsr.archs import build_network
+    """Build ``network_g``, load the weights (read once), move to ``device``, eval mode."""
+    from mambacsr_arch.cli.common import build_and_load, resolve_network
+    from mambacsr_arch.cli.option_checks import check_network, print_notes
 
-    from mambacsr_arch.cli.option_checks import OptionError, check_network, print_notes
-    from mambacsr_arch.models.weights import load_weights
-
-    arch = setup.network_opt['type']
-    try:  # registered arch, every key a constructor option, upscale == scale: before anything is built
-        print_notes('infer', check_network(setup.network_opt, 'network_g', scale=setup.scale,
-                                           scale_label='scale (--scale or the option file)'))
-    except OptionError as err:
-        raise InferConfigError(str(err)) from err
+    resolved = setup.resolved
+    if resolved is None:  # the option file / --arch named the network: the checkpoint is read now
+        resolved = setup.resolved = resolve_network(**setup.request)
+        setup.network_opt = resolved.network_opt
+        setup.notes = list(resolved.summary) + list(setup.notes)
+    # registered arch, every key a constructor option, upscale == scale: before anything is built
+    print_notes('infer', check_network(setup.network_opt, 'network_g', scale=setup.scale,
+                                       scale_label='scale (--scale or the option file)'))
     print_notes('infer', setup.notes)  # e.g. 'official MambaCSR test protocol: padding_size 64'
-    try:
-        net = build_network(setup.network_opt)
-    except (TypeError, ValueError) as err:  # wrong or inconsistent constructor kwargs
-        raise InferConfigError(f"cannot build {arch} with {dict(setup.network_opt)}: {err}. Fix network_g / "
-                               '--arch-opt / --network-opt.') from err
-    try:
-        load_weights(net, setup.weights, param_key=setup.param_key, strict=setup.strict)
-    except (FileNotFoundError, KeyError, RuntimeError) as err:
-        raise InferConfigError(str(err.args[0]) if err.args else str(err)) from err
+    net = build_and_load(resolved)
     return net.to(device).eval()
 
 
@@ -423,21 +373,19 @@ def run(args: argparse.Namespace) -> int:
 
     from mambacsr_arch.data.image_io import ImageReadError
 
-    try:
-        setup = resolve_setup(args)
-        device = resolve_device(args.device)
-        inputs = list_inputs(args.input)
-        input_folder = args.input if osp.isdir(args.input) else None
-        plan = plan_outputs(inputs, args.output, args.suffix, args.ext, input_folder)
-        if not plan.pairs:
-            earlier = (f' ({len(plan.previous_outputs)} there were written by an earlier basicsr infer and are not '
-                       f're-read, see {MANIFEST_NAME}; to restore them again, write to another -o folder)'
-                       if plan.previous_outputs else '')
-            raise InferConfigError(f"no images in '{args.input}' (extensions: png, jpg, bmp, tif, webp, ...)"
-                                   f'{earlier}.')
-        net = build_model(setup, device)
-    except InferConfigError as err:
-        return _error(str(err))
+    # configuration errors (ConfigError) propagate to mambacsr_arch.cli.main: one line, exit 2, nothing written
+    setup = resolve_setup(args)
+    device = resolve_device(args.device)
+    inputs = list_inputs(args.input)
+    input_folder = args.input if osp.isdir(args.input) else None
+    plan = plan_outputs(inputs, args.output, args.suffix, args.ext, input_folder)
+    if not plan.pairs:
+        earlier = (f' ({len(plan.previous_outputs)} there were written by an earlier basicsr infer and are not '
+                   f're-read, see {MANIFEST_NAME}; to restore them again, write to another -o folder)'
+                   if plan.previous_outputs else '')
+        raise InferConfigError(f"no images in '{args.input}' (extensions: png, jpg, bmp, tif, webp, ...)"
+                               f'{earlier}.')
+    net = build_model(setup, device)
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as err:
