@@ -212,7 +212,8 @@ def test_save_safetensors_writes_one_file_per_entry_next_to_each_pth(tmp_path):
         with safe_open(str(models / name), 'pt') as f:
             meta = f.metadata()
         assert meta['param_key'] == key and json.loads(meta['network_g'])['type'] == 'MSRResNet'
-        assert json.loads(meta['entries']) == {'params': 'net_g_1.safetensors', 'params_ema': 'net_g_1_ema.safetensors'}
+        entries = {'params': 'net_g_1.safetensors', 'params_ema': 'net_g_1_ema.safetensors'}
+        assert json.loads(meta['entries']) == entries
         assert os.stat(models / name).st_mode & 0o777 == os.stat(models / 'net_g_1.pth').st_mode & 0o777
 
 

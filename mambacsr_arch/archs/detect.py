@@ -1,11 +1,14 @@
 """Which architecture a state dict belongs to, and the ``network_g`` options that rebuild it.
 
 :func:`detect_arch` is the one entry point (``basicsr infer`` without ``--opt``/``--arch``,
-``basicsr export``, the spandrel integration). It knows no architecture itself: it asks each
-architecture's ``checkpoint.py`` (:data:`CHECKPOINT_READERS`) in turn. Each reader declares ``ARCH``,
+``basicsr export``, the spandrel integration; a ``.safetensors`` this project wrote carries its
+``network_g`` instead, which :func:`mambacsr_arch.cli.common.resolve_network` prefers). It knows
+no architecture itself: it asks each architecture's ``checkpoint.py`` (:data:`CHECKPOINT_READERS`)
+in turn. Each reader declares ``ARCH``,
 ``MARKERS`` (key fragments only its state dicts have), ``ASSUMED`` (options no tensor shows, set from
 the released configuration and listed as assumptions; override with ``--arch-opt KEY=VALUE``) and
-``options_from_state(state_dict) -> (kwargs, assumptions)``. A new architecture is one folder with a
+``options_from_state(state_dict) -> (kwargs, assumptions)`` and ``options_from_shapes(state_dict)
+-> {option: (value, evidence key)}`` (read by the one strict-load report). A new architecture is one folder with a
 ``checkpoint.py`` plus one line in :data:`CHECKPOINT_READERS`.
 
 A state dict that is none of them raises :class:`DetectionError` naming what was recognised.
@@ -53,7 +56,8 @@ def detect_arch(state_dict: Mapping[str, torch.Tensor]) -> Tuple[str, Dict[str, 
     return arch, dict(type=arch, **kwargs), assumptions
 
 
-def detect_network(state_dict: Mapping[str, torch.Tensor], overrides: Mapping[str, Any] = ()) -> Tuple[Dict[str, Any], str]:
+def detect_network(state_dict: Mapping[str, torch.Tensor],
+                   overrides: Mapping[str, Any] = ()) -> Tuple[Dict[str, Any], str]:
     """``(network_g options, one-line summary)``: :func:`detect_arch`, then ``overrides`` (``--arch-opt``) on top.
 
     The summary names the arch, its key options and scale, and the assumed options not overridden.
