@@ -68,7 +68,8 @@ HALF_TOLERANCE = 2e-2
 def _variant_tags(kwargs: Mapping[str, Any]) -> List[str]:
     """Tags in spandrel's style naming the variant, e.g. ``['180dim', 'depths 6-6-6-6-6-6', 'd_state 16',
     'cross-scale 6', 'DIS']`` (released cross-scale model)."""
-    tags = [f"{kwargs['embed_dim']}dim", f"depths {'-'.join(map(str, kwargs['depths']))}", f"d_state {kwargs['d_state']}"]
+    tags = [f"{kwargs['embed_dim']}dim", f"depths {'-'.join(map(str, kwargs['depths']))}",
+            f"d_state {kwargs['d_state']}"]
     if kwargs.get('cross_scale_scan'):
         tags.append(f"cross-scale {'-'.join(map(str, kwargs['depths2']))}")
     tags.append('DIS' if kwargs.get('dual_interleaved_scan') else 'no DIS')
