@@ -27,19 +27,9 @@ process on a 2-core machine then made a MambaCSR training step about 9x slower (
 ``benchmarks/bench_contention.py`` measures it. Set ``OMP_WAIT_POLICY=ACTIVE`` to opt out. Even on a
 quiet machine the spinning threads take turns with the scan's worker thread: with torch imported
 first (and no ``OMP_WAIT_POLICY``), a MambaCSR-sized scan call took 1.5x as long, which the scan
-reports once (:data:`OMP_THREADS_SPIN`).
+reports once (:data:`OMP_THREADS_SPIN`, set in :mod:`mambacsr_arch._threads`, the package's first import).
 """
-import os as _os
-import sys as _sys
-
-if 'torch' not in _sys.modules:
-    _os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-#: True when torch was imported first and the environment sets no ``OMP_WAIT_POLICY``: libgomp's default
-#: then applies, whose idle threads spin after every parallel region, on the cores the cpu scan's
-#: thread pool needs (measured: a MambaCSR-sized scan call 1.5x slower on 2 quiet cores). The cpu scan
-#: says so once, when it first runs on several threads.
-OMP_THREADS_SPIN = 'OMP_WAIT_POLICY' not in _os.environ
-
+from ._threads import OMP_THREADS_SPIN  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads; re-exported)
 from . import _compat
 from .version import __version__
 

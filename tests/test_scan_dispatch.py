@@ -219,7 +219,7 @@ def test_cpu_scan_says_once_when_openmp_threads_spin(spinning: bool, monkeypatch
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """torch imported before mambacsr_arch without OMP_WAIT_POLICY: idle OpenMP threads spin beside the
     scan's pool; its first multi-threaded call says so, with the fix, once per process."""
-    monkeypatch.setattr(mambacsr_arch, 'OMP_THREADS_SPIN', spinning)
+    monkeypatch.setattr(mambacsr_arch._threads, 'OMP_THREADS_SPIN', spinning)
     monkeypatch.setattr(cpu_scan, '_SPIN_NOTED', False)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)

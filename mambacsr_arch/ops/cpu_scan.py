@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import _threads
+
 CHUNK = 64  # steps between state checkpoints (backward recomputes one chunk at a time)
 BACKWARD_TASKS = 16  # backward: channel blocks with their own dB/dC partial sums; fixed, not per thread,
 # so results are bitwise identical for any thread count
@@ -60,14 +62,12 @@ def _run(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
 
 def _note_spinning_threads() -> None:
     """Log once per process that torch's OpenMP threads spin beside the scan's pool (see
-    ``mambacsr_arch.OMP_THREADS_SPIN``), with the fix."""
+    :data:`mambacsr_arch._threads.OMP_THREADS_SPIN`), with the fix."""
     global _SPIN_NOTED
     if _SPIN_NOTED:  # checked once: the policy cannot change after torch has loaded
         return
     _SPIN_NOTED = True
-    import mambacsr_arch
-
-    if not mambacsr_arch.OMP_THREADS_SPIN:
+    if not _threads.OMP_THREADS_SPIN:
         return
     logging.getLogger('basicsr').warning(
         'torch was imported before mambacsr_arch and OMP_WAIT_POLICY is not set, so torch\'s idle OpenMP '
