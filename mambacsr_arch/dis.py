@@ -121,10 +121,55 @@ def _window_pieces(grid: torch.Tensor, tokens: torch.Tensor, window: Optional[in
             yield grid[:, qh * wh:, qw * ww:], band[:, qw * rh * ww:].unflatten(1, (rh, rw))
 
 
+def _symbolic(*sizes) -> bool:
+    """Whether any of ``sizes`` is a symbolic size (a graph exporter tracing a dynamic height or width)."""
+    return not all(isinstance(size, int) for size in sizes)
+
+
+def _window_coords(rows: torch.Tensor, cols: torch.Tensor, h, w, window: Optional[int]) -> torch.Tensor:
+    """Sequence position (row-first window order, clipped windows) of map position (rows, cols) of an
+    (h, w) map, with tensor ops only: ``h``, ``w`` may be symbolic sizes."""
+    if window is None:
+        return rows * w + cols
+    win_row, win_col = torch.div(rows, window, rounding_mode='floor'), torch.div(cols, window, rounding_mode='floor')
+    band = torch.clamp(h - win_row * window, max=window)  # height of this window row (clipped at the border)
+    width = torch.clamp(w - win_col * window, max=window)  # width of this window (clipped at the border)
+    return (win_row * window * w + win_col * window * band + (rows - win_row * window) * width
+            + cols - win_col * window)
+
+
+def _sequence_sources(h, w, window: Optional[int], device: torch.device) -> torch.Tensor:
+    """(h*w,) row-major map index of each token of the row-first window scan of an (h, w) map: the
+    inverse of :func:`_window_coords`, computed from the token position with tensor ops."""
+    seq = torch.arange(h * w, device=device)
+    if window is None:
+        return seq
+    span = window * w  # tokens of one full window row
+    win_row = torch.div(seq, span, rounding_mode='floor')
+    rest = seq - win_row * span
+    band = torch.clamp(h - win_row * window, max=window)
+    win_col = torch.div(rest, band * window, rounding_mode='floor')  # a clipped last window starts there too
+    rest = rest - win_col * window * band
+    width = torch.clamp(w - win_col * window, max=window)
+    row_in = torch.div(rest, width, rounding_mode='floor')
+    return (win_row * window + row_in) * w + win_col * window + rest - row_in * width
+
+
 def scan_tokens(grid: torch.Tensor, window: Optional[int], column_first: bool = False,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Channels-last window scan, unflipped: (B, H, W, *E) -> (B, H*W, *E) (into ``out`` if given)."""
+    """Channels-last window scan, unflipped: (B, H, W, *E) -> (B, H*W, *E) (into ``out`` if given).
+
+    For a symbolic H or W (a graph exporter tracing a dynamic size) the order is one gather of
+    indices computed with tensor ops from the size (the same tokens; no Python branch on the size).
+    """
     b, h, w = grid.shape[:3]
+    if _symbolic(h, w):
+        if column_first:
+            grid, h, w = grid.transpose(1, 2), w, h
+        tokens = grid.flatten(1, 2).index_select(1, _sequence_sources(h, w, window, grid.device))
+        if out is None:
+            return tokens
+        return out.copy_(tokens)
     if out is None:
         out = grid.new_empty((b, h * w) + tuple(grid.shape[3:]))
     for part, tok in _window_pieces(grid, out, window, column_first):
@@ -135,10 +180,19 @@ def scan_tokens(grid: torch.Tensor, window: Optional[int], column_first: bool = 
 def merge_tokens(tokens: torch.Tensor, window: Optional[int], size: Sequence[int], column_first: bool = False,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Inverse of :func:`scan_tokens`: (B, H*W, *E) -> (B, H, W, *E) (into ``out`` if given)."""
-    h, w = int(size[0]), int(size[1])
+    h, w = size[0], size[1]
     if tokens.shape[1] != h * w:
         raise ValueError(f'merge: sequence length {tokens.shape[1]} does not match size {(h, w)} '
                          f'(expected {h * w} tokens)')
+    if _symbolic(h, w):  # a graph exporter's dynamic size: one gather (see scan_tokens)
+        th, tw = (w, h) if column_first else (h, w)
+        rows = torch.arange(th, device=tokens.device)[:, None]
+        cols = torch.arange(tw, device=tokens.device)[None, :]
+        grid = tokens.index_select(1, _window_coords(rows, cols, th, tw, window).flatten())
+        grid = grid.unflatten(1, (th, tw))
+        if column_first:
+            grid = grid.transpose(1, 2)
+        return grid if out is None else out.copy_(grid)
     if out is None:
         out = tokens.new_empty((tokens.shape[0], h, w) + tuple(tokens.shape[2:]))
     for part, tok in _window_pieces(out, tokens, window, column_first):
@@ -149,7 +203,7 @@ def merge_tokens(tokens: torch.Tensor, window: Optional[int], size: Sequence[int
 def scan_length(size: Sequence[int], window: Optional[int]) -> int:
     """Number of tokens :func:`window_scan` produces for a (H, W) map: H * W (windows are clipped)."""
     _window_hw(window, (size[0], size[1]))
-    return int(size[0]) * int(size[1])
+    return size[0] * size[1]
 
 
 def window_scan(x: torch.Tensor, window: Optional[int], column_first: bool = False, flip: bool = False) -> torch.Tensor:
@@ -173,7 +227,7 @@ def window_merge(seq: torch.Tensor, window: Optional[int], size: Sequence[int], 
     """
     if seq.dim() != 3:
         raise ValueError(f'window_merge expects a (B, C, L) tensor, got shape {tuple(seq.shape)}')
-    h, w = int(size[0]), int(size[1])
+    h, w = size[0], size[1]
     b, c, _ = seq.shape
     _window_hw(window, (h, w))
     if flip:

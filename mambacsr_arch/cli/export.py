@@ -43,16 +43,13 @@ import re
 import sys
 import time
 import warnings
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mambacsr_arch.errors import ConfigError
 
 EXIT_OK, EXIT_MISMATCH, EXIT_CONFIG = 0, 1, 2
 DEFAULT_OPSET = 18
 DEFAULT_TOLERANCE = 1e-3
-#: Scan steps per chunk in the exported graph: ops grow with H*W / EXPORT_CHUNK (export time), memory of
-#: the exported scan with EXPORT_CHUNK (each chunk holds its (steps, batch, channels, d_state) states).
-EXPORT_CHUNK = 1024
 
 
 class ExportConfigError(ConfigError):
@@ -101,29 +98,13 @@ def build_network_from(resolved: Any) -> Any:
 # ----------------------------------------------------------------------------- ONNX
 
 
-@contextlib.contextmanager
-def exportable_scan(net: Any) -> Iterator[None]:
-    """Route MambaCSR's selective scan through plain tensor ops while exporting (restored afterwards).
-
-    The numba / CUDA kernels are opaque to the exporter; the ``torch`` backend's ``parallel``
-    strategy is a fixed number of ops per chunk of :data:`EXPORT_CHUNK` steps (its ``loop``
-    strategy would unroll one op per token).
-    """
-    from mambacsr_arch.ops import torch_scan
-
-    mixers = [m for m in net.modules() if hasattr(m, 'scan_backend')]
-    before = [m.scan_backend for m in mixers]
-    strategy, chunk = torch_scan.DEFAULT_STRATEGY, torch_scan.CHUNK['parallel']
-    try:
-        for mixer in mixers:
-            mixer.scan_backend = 'torch'
-        torch_scan.DEFAULT_STRATEGY = 'parallel'
-        torch_scan.CHUNK['parallel'] = EXPORT_CHUNK
-        yield
-    finally:
-        torch_scan.DEFAULT_STRATEGY, torch_scan.CHUNK['parallel'] = strategy, chunk
-        for mixer, backend in zip(mixers, before):
-            mixer.scan_backend = backend
+def _unpin_scan_backends(net: Any) -> List[Tuple[Any, Optional[str]]]:
+    """Clear the scan backend pinned on each mixer (``scan_backend`` of network_g) so that the scoped
+    ``export`` backend applies; returns ``(mixer, pinned)`` pairs to restore."""
+    pinned = [(m, m.scan_backend) for m in net.modules() if getattr(m, 'scan_backend', None) is not None]
+    for mixer, _ in pinned:
+        mixer.scan_backend = None
+    return pinned
 
 
 def _require_export_packages() -> None:
@@ -138,24 +119,46 @@ def _require_export_packages() -> None:
                                 f"(or pip install {' '.join(missing)}).")
 
 
+def dynamic_minimum(net: Any) -> int:
+    """Smallest height/width a ``--dynamic`` model accepts: the input multiple the network pads to
+    (HAT: window_size, whose reflect padding needs pad < size; MambaCSR: 2), at least 2."""
+    return max(2, int(getattr(net, 'pad_multiple', 1)))
+
+
 def export_onnx(net: Any, path: str, size: Tuple[int, int], dynamic: bool, opset: int) -> None:
-    """Export ``net`` for a (1, C, H, W) input to ``path`` (self-contained .onnx)."""
+    """Export ``net`` to ``path`` (self-contained .onnx), traced at a (1, C, H, W) input, ``size = (H, W)``;
+    ``dynamic``: batch, height and width symbolic (traced at batch 2), height and width >= :func:`dynamic_minimum`.
+
+    The selective scan runs on the ``export`` backend (:mod:`mambacsr_arch.ops.export_scan`: plain
+    tensor ops, a graph of fixed size whatever H x W); scan backends pinned on the mixers are
+    cleared while tracing.
+    """
     import torch
 
+    from mambacsr_arch.ops import use_backend
+
     in_chans = int(net.conv_first.weight.shape[1])
-    # a dynamic batch is traced at 2 (torch.export specialises a size-1 dimension to 1)
+    # a dynamic size is traced at 2 (torch.export specialises a size-1 dimension to 1)
     example = torch.rand(2 if dynamic else 1, in_chans, *size)
-    dynamic_shapes = ({0: torch.export.Dim('batch', min=1, max=1024)}, ) if dynamic else None
-    with torch.no_grad(), exportable_scan(net), warnings.catch_warnings():
-        # HAT caches its attention masks per size in a dict: traced as constants of the fixed --size, as intended
-        warnings.filterwarnings('ignore', message='.*was assigned during export', category=UserWarning)
-        try:
+    dynamic_shapes = None
+    if dynamic:
+        low = dynamic_minimum(net)
+        dynamic_shapes = ({0: torch.export.Dim('batch', min=1, max=4096), 2: torch.export.Dim('height', min=low),
+                           3: torch.export.Dim('width', min=low)}, )
+    pinned = _unpin_scan_backends(net)
+    try:
+        with torch.no_grad(), use_backend('export'), warnings.catch_warnings():
+            # HAT caches its attention masks per size (eager only): a fixed-size trace stores one, harmlessly
+            warnings.filterwarnings('ignore', message='.*was assigned during export', category=UserWarning)
             program = torch.onnx.export(net, (example, ), None, dynamo=True, opset_version=opset, verbose=False,
                                         input_names=['lq'], output_names=['sr'], dynamic_shapes=dynamic_shapes)
-        except Exception as err:  # torch.export's errors are long; the first line says what failed
-            first = re.sub(r'\x1b\[[0-9;]*m', '', str(err).strip().splitlines()[0] if str(err).strip() else '')
-            fix = ' Try without --dynamic (batch 1).' if dynamic else ''
-            raise ExportConfigError(f'ONNX export failed: {type(err).__name__}: {first}{fix}') from err
+    except Exception as err:  # torch.export's errors are long; the first line says what failed
+        first = re.sub(r'\x1b\[[0-9;]*m', '', str(err).strip().splitlines()[0] if str(err).strip() else '')
+        fix = ' Export without --dynamic (a fixed --size) instead.' if dynamic else ''
+        raise ExportConfigError(f'ONNX export failed: {type(err).__name__}: {first}{fix}') from err
+    finally:
+        for mixer, backend in pinned:
+            mixer.scan_backend = backend
     program.save(path, external_data=False)
 
 
