@@ -97,6 +97,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'reflect') -> Tu
     h, w = x.shape[-2:]
     pad_h = (multiple - h % multiple) % multiple
     pad_w = (multiple - w % multiple) % multiple
+    if not (isinstance(h, int) and isinstance(w, int)):  # symbolic size (dynamic ONNX export): no branch on it
+        return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)  # the exporter requires size >= multiple
     if pad_h == 0 and pad_w == 0:
         return x, (h, w)
     if mode == 'reflect' and (pad_h >= h or pad_w >= w):

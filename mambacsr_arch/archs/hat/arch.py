@@ -58,16 +58,19 @@ def relative_position_index_oca(window_size: int, overlap_ratio: float) -> torch
     return rel[0] * (window_size + ext - 1) + rel[1]
 
 
-def shifted_window_mask(h: int, w: int, window_size: int, shift_size: int) -> torch.Tensor:
+def shifted_window_mask(h, w, window_size: int, shift_size: int, device: Optional[torch.device] = None
+                        ) -> torch.Tensor:
     """(num_windows, ws*ws, ws*ws) float mask, 0 within a region and -100 across regions, for
-    shifted-window attention on an (h, w) map (h, w multiples of window_size)."""
-    img_mask = torch.zeros((1, h, w, 1))
-    slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-    label = 0
-    for hs in slices:
-        for wsl in slices:
-            img_mask[:, hs, wsl, :] = label
-            label += 1
+    shifted-window attention on an (h, w) map (h, w multiples of window_size).
+
+    The regions (the official HAT's nine slices: rows/columns [0, -ws), [-ws, -shift), [-shift, end))
+    are labelled with tensor ops on the size, so ``h``, ``w`` may be symbolic (ONNX export with a
+    dynamic size)."""
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    band_r = (rows >= h - window_size).long() + (rows >= h - shift_size).long()
+    band_c = (cols >= w - window_size).long() + (cols >= w - shift_size).long()
+    img_mask = (band_r[:, None] * 3 + band_c[None, :]).to(torch.float32)[None, :, :, None]  # (1, h, w, 1)
     windows = window_partition(img_mask, window_size).view(-1, window_size * window_size)
     diff = windows.unsqueeze(1) - windows.unsqueeze(2)
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
@@ -228,6 +231,8 @@ class HAT(nn.Module):
 
     def attention_mask(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Shifted-window mask for an (h, w) feature map, cached (LRU, a few sizes)."""
+        if not (isinstance(h, int) and isinstance(w, int)):  # symbolic size (dynamic export): built in the graph
+            return shifted_window_mask(h, w, self.window_size, self.shift_size, device).to(dtype=dtype)
         key = (h, w, str(device), dtype)
         mask = self._mask_cache.get(key)
         if mask is None:
@@ -255,7 +260,8 @@ class HAT(nn.Module):
     def _pos_embed(self, x_size: Tuple[int, int]) -> torch.Tensor:
         """Absolute position embedding (1, H*W, C), bicubically resized when (H, W) is not img_size."""
         ph, pw = self.patches_resolution
-        if tuple(x_size) == (ph, pw):
+        symbolic = not all(isinstance(size, int) for size in x_size)  # dynamic export: no branch on the size
+        if not symbolic and tuple(x_size) == (ph, pw):
             return self.absolute_pos_embed
         grid = self.absolute_pos_embed.transpose(1, 2).reshape(1, self.embed_dim, ph, pw)
         grid = F.interpolate(grid, size=x_size, mode='bicubic', align_corners=False)

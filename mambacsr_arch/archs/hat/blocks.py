@@ -57,10 +57,11 @@ class WindowAttention(nn.Module):
         heads = self.num_heads
         q, k, v = self.qkv(x).reshape(b_, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
-        if mask is not None:  # windows of one image share the mask: view the batch as (B, nw)
+        if mask is not None:  # windows of one image share the mask: the bias repeats per image of the batch
             nw = mask.shape[0]
-            q, k, v = (t.reshape(b_ // nw, nw, heads, n, -1) for t in (q, k, v))
             bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)  # (nw, heads, N, N)
+            # 4-D q/k/v and bias (b_ = B * nw, window-major per image): the ONNX exporter takes no 5-D attention
+            bias = bias.unsqueeze(0).expand(b_ // nw, nw, heads, n, n).reshape(b_, heads, n, n)
         out = _attend(q, k, v, bias, self.scale, self.attn_drop if self.training else 0.)
         out = out.reshape(b_, heads, n, c // heads).transpose(1, 2).reshape(b_, n, c)
         return self.proj_drop(self.proj(out))
