@@ -118,7 +118,6 @@ class SS2D(nn.Module):
         self.d_inner = d_inner
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == 'auto' else int(dt_rank)
         self.d_state = int(d_state)
-        self.d_conv = d_conv
         k = len(directions)
 
         self.out_norm = nn.LayerNorm(d_inner)
