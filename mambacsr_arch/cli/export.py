@@ -65,9 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='network_g overrides; values parsed as YAML: scan_size=16 "depths=[6,6]"')
     parser.add_argument('--param-key', help='checkpoint entry (default, as every command: path.param_key_g, else '
                         'params, with --opt; params_ema, falling back to params, without)')
-    parser.add_argument('--size', nargs=2, type=int, metavar=('H', 'W'), help='LR input height and width (ONNX)')
-    parser.add_argument('--dynamic', action='store_true', help='symbolic batch size (verified at batch 1 and 3); '
-                        'height and width stay --size: the scan orders and attention masks are built for it')
+    parser.add_argument('--size', nargs=2, type=int, metavar=('H', 'W'),
+                        help='LR input height and width of a fixed-size ONNX model (the traced size with --dynamic)')
+    parser.add_argument('--dynamic', action='store_true', help='symbolic batch, height and width (any size from '
+                        'the minimum up; verified with onnxruntime at 4 sizes); --size is then the traced size')
     parser.add_argument('--opset', type=int, help=f'ONNX opset (default {DEFAULT_OPSET})')
     parser.add_argument('--tolerance', type=float,
                         help=f'max abs difference onnxruntime vs PyTorch (default {DEFAULT_TOLERANCE:g})')
@@ -123,6 +124,14 @@ def dynamic_minimum(net: Any) -> int:
     """Smallest height/width a ``--dynamic`` model accepts: the input multiple the network pads to
     (HAT: window_size, whose reflect padding needs pad < size; MambaCSR: 2), at least 2."""
     return max(2, int(getattr(net, 'pad_multiple', 1)))
+
+
+def dynamic_check_shapes(net: Any, size: Tuple[int, int], in_chans: int) -> List[Tuple[int, ...]]:
+    """Inputs a ``--dynamic`` model is verified at besides the traced one: batch 3 at the minimum size,
+    batch 2 at an odd, non-square size that is no window multiple, and batch 1 at a larger odd one."""
+    low = dynamic_minimum(net)
+    odd = low + 1 if low % 2 == 0 else low + 2
+    return [(3, in_chans, low, low), (2, in_chans, odd, low + 3), (1, in_chans, size[0] + 7, size[1] + 2 * low + 1)]
 
 
 def export_onnx(net: Any, path: str, size: Tuple[int, int], dynamic: bool, opset: int) -> None:
@@ -201,9 +210,10 @@ def _check_output(args: argparse.Namespace) -> str:
     if ext == '.onnx':
         args.opset = DEFAULT_OPSET if args.opset is None else args.opset
         args.tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
-        if args.size is None:
-            raise ExportConfigError('ONNX export needs the input size: --size H W (LR pixels), e.g. --size 64 64.')
-        if min(args.size) < 2:
+        if args.size is None and not args.dynamic:
+            raise ExportConfigError('ONNX export needs the input size: --size H W (LR pixels), e.g. --size 64 64, '
+                                    'or --dynamic (any size).')
+        if args.size is not None and min(args.size) < 2:
             raise ExportConfigError(f'--size {args.size[0]} {args.size[1]}: height and width must be >= 2.')
         if args.opset < 18:
             raise ExportConfigError(f'--opset {args.opset}: the exporter needs opset >= 18.')
@@ -251,8 +261,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export_and_verify(net: Any, args: argparse.Namespace) -> int:
-    size = (int(args.size[0]), int(args.size[1]))
     in_chans = int(net.conv_first.weight.shape[1])
+    if args.size is None:  # --dynamic without --size: traced at an odd, non-square size above the minimum
+        low = dynamic_minimum(net)
+        args.size = [2 * low + 3, 2 * low + 5]
+    size = (int(args.size[0]), int(args.size[1]))
+    if args.dynamic and min(size) < dynamic_minimum(net):
+        raise ExportConfigError(f'--size {size[0]} {size[1]} with --dynamic: trace at height and width >= '
+                                f'{dynamic_minimum(net)} (the smallest size the dynamic model accepts).')
     tmp = _temporary(args.output)
     try:
         start = time.perf_counter()
@@ -260,15 +276,15 @@ def _export_and_verify(net: Any, args: argparse.Namespace) -> int:
         exported = time.perf_counter() - start
         checks: List[Tuple[Tuple[int, ...], float]] = []
         shapes = [(1, in_chans) + size]
-        if args.dynamic:  # other batch sizes: a batch size baked into the graph shows up here
-            shapes = [(1, in_chans) + size, (3, in_chans) + size]
+        if args.dynamic:  # other batches and sizes (odd, not window multiples): a size baked into the graph shows
+            shapes = [(1, in_chans) + size] + dynamic_check_shapes(net, size, in_chans)
         for shape in shapes:
             try:
                 checks.append((shape, onnx_difference(net, tmp, shape, args.seed)))
             except Exception as err:  # onnxruntime refusing the shape: a fixed size inside the graph
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 print(f'basicsr export: FAILED: onnxruntime cannot run the model at {shape}: {first}. Export '
-                      'without --dynamic.', file=sys.stderr)
+                      'without --dynamic (a fixed --size).', file=sys.stderr)
                 return EXIT_MISMATCH
         for shape, diff in checks:
             print(f'basicsr export: onnxruntime vs PyTorch at input {tuple(shape)}: max abs difference {diff:.3g} '
@@ -282,6 +298,7 @@ def _export_and_verify(net: Any, args: argparse.Namespace) -> int:
     finally:
         if osp.exists(tmp):
             os.remove(tmp)
-    kind = f"input ({'N' if args.dynamic else 1}, {in_chans}, {size[0]}, {size[1]})"
+    kind = f"input (N, {in_chans}, H, W), H, W >= {dynamic_minimum(net)}" if args.dynamic else \
+        f'input (1, {in_chans}, {size[0]}, {size[1]})'
     print(f'basicsr export: wrote {args.output} ({kind}, opset {args.opset}, exported in {exported:.0f} s).')
     return EXIT_OK
