@@ -11,7 +11,7 @@ import mambacsr_arch  # noqa: F401  (shims before anything else)
 from mambacsr_arch.ops import available_backends, selective_scan, torch_scan
 
 # 'torch:parallel' is the torch backend with the strategy used off-CPU (Hillis-Steele within chunks)
-BACKENDS = [name for name in ('cpu', 'torch', 'reference') if available_backends()[name] is None]
+BACKENDS = [name for name in ('cpu', 'torch', 'export', 'reference') if available_backends()[name] is None]
 BACKENDS.insert(BACKENDS.index('torch') + 1, 'torch:parallel')
 
 
@@ -178,7 +178,7 @@ def test_autocast_keeps_float32(backend: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('backend', [b for b in BACKENDS if b != 'reference'])
+@pytest.mark.parametrize('backend', [b for b in BACKENDS if b not in ('reference', 'export')])  # export: inference
 def test_backward_memory_is_bounded(backend: str) -> None:
     """Autograd keeps O(batch * dim * L) per call, never the (batch, dim, L, N) states."""
     batch, dim, n, length = 2, 32, 16, 512  # B, C (batch, 2, N, L) are inputs: 1/16 of the states

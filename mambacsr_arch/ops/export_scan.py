@@ -11,14 +11,14 @@ padded steps have dt = 0, i.e. a = 1, b = 0, and change no state):
 
 1. every chunk, all at once, runs its CHUNK steps from a zero state (the steps unrolled: CHUNK small
    ops on (chunks, batch, dim, N) tensors) and keeps its end state and the product of its decays;
-2. the chunk boundary states are the same recurrence over chunks (one step per chunk), solved by
-   this same two-level scheme recursively, :data:`LEVELS` levels deep when the length is symbolic
-   (CHUNK ** LEVELS steps at most) and as deep as needed when it is a plain int;
+2. the chunk boundary states are the same recurrence over chunks (one step per chunk), solved by a
+   Hillis-Steele scan whose shifted operands are padded slices of the same length: ceil(log2 chunks)
+   levels for a plain-int length, :data:`MAX_LEVELS` (a no-op past the length) for a symbolic one;
 3. every chunk runs its CHUNK steps again from its true start state and emits y_t = <C_t, h_t>.
 
 Only products of decays in [0, 1] are formed (no exp of a positive number, no cumulative log-space
-sums), so it is as stable as the sequential loop. The graph has O(CHUNK * LEVELS) ops whatever the
-length. ``benchmarks/bench_export.py`` compares it with the ``torch`` backend's Hillis-Steele form.
+sums), so it is as stable as the sequential loop. The graph has O(CHUNK + MAX_LEVELS) ops whatever
+the length. ``benchmarks/bench_export.py`` compares it with the ``torch`` backend's Hillis-Steele form.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-CHUNK = 16  # steps per chunk (unrolled twice in the graph); see benchmarks/bench_export.py
+CHUNK = 32  # steps per chunk (unrolled twice in the graph): 16 ran 4.5x eager, 32 1.2x (benchmarks/bench_export.py)
 MAX_LEVELS = 24  # Hillis-Steele levels over the chunks for a symbolic length: up to CHUNK * 2 ** 24 steps
 
 
