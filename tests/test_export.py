@@ -127,3 +127,9 @@ def test_dynamic_size_below_the_minimum_is_a_config_error(tmp_path, capsys):
     assert main(['export', '--weights', str(weights), '-o', str(tmp_path / 'd.onnx'), '--size', '3', '8',
                  '--dynamic']) == 2
     assert '>= 4' in capsys.readouterr().err and not (tmp_path / 'd.onnx').exists()
+
+
+def test_dynamic_cross_scale_mambacsr_is_refused(tmp_path, capsys):
+    _, weights = _checkpoint(tmp_path, MAMBA)
+    assert main(['export', '--weights', str(weights), '-o', str(tmp_path / 'd.onnx'), '--dynamic']) == 2
+    assert 'cross_scale_scan' in capsys.readouterr().err and not (tmp_path / 'd.onnx').exists()

@@ -262,6 +262,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_and_verify(net: Any, args: argparse.Namespace) -> int:
     in_chans = int(net.conv_first.weight.shape[1])
+    if args.dynamic and getattr(net, 'cross_scale_scan', False):
+        # its 2 x 2 blocks and the even padding make torch.export specialise H and W (a fixed-size graph)
+        raise ExportConfigError('--dynamic: a MambaCSR with cross_scale_scan exports at a fixed size only (its '
+                                'cross-scale token order fixes H and W when traced); use --size H W without --dynamic.')
     if args.size is None:  # --dynamic without --size: traced at an odd, non-square size above the minimum
         low = dynamic_minimum(net)
         args.size = [2 * low + 3, 2 * low + 5]
