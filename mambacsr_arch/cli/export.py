@@ -18,18 +18,17 @@ a ``.safetensors`` output are refused (they only apply to ONNX).
 
 ONNX: traced with torch's ``torch.export``-based exporter (needs the ``[export]`` extra: onnx,
 onnxscript, onnxruntime) for a (1, in_chans, H, W) input, H x W = ``--size``. MambaCSR's
-selective scan is exported as plain ONNX operators: the pure-PyTorch ``torch`` backend, in its
-``parallel`` strategy (chunks of 1024 steps, each a 10-level Hillis-Steele scan, so the graph
-grows with H*W/1024, not with H*W; each chunk holds its 1024 states, i.e. 1024 x 4 x embed_dim x
-d_state floats per direction pair). The exported model is then run with onnxruntime (CPU) on a
-random input and compared with PyTorch: the command prints the max abs difference and fails
-(exit 1, nothing written) above ``--tolerance`` (default 1e-3). The ``.onnx`` is written atomically
-and self-contained (no external-data file; models under 2 GB).
+selective scan is exported as plain ONNX operators: the ``export`` backend
+(:mod:`mambacsr_arch.ops.export_scan`, chosen with ``use_backend('export')`` while tracing), a graph
+of fixed size whatever H x W. The exported model is then run with onnxruntime (CPU) on a random
+input and compared with PyTorch: the command prints the max abs difference and fails (exit 1,
+nothing written) above ``--tolerance`` (default 1e-3). The ``.onnx`` is written atomically and
+self-contained (no external-data file; models under 2 GB).
 
-``--dynamic`` makes the batch size symbolic (verified at batch 1 and 3). Height and width are
-always the fixed ``--size``: MambaCSR's window scan orders and HAT's shifted-window attention masks
-are built for one size when traced (torch.export cannot keep them symbolic), so export one model
-per tile size and tile larger images (``basicsr infer --tile`` does the same in PyTorch).
+``--dynamic`` makes batch, height and width symbolic: any size from :func:`dynamic_minimum` up
+(HAT: window_size; MambaCSR: 2), odd sizes included; it is verified at 4 inputs (the traced
+``--size``, default an odd size, and others: odd, non-window multiples, batch 1-3). A MambaCSR with
+``cross_scale_scan`` is refused (exit 2): its cross-scale order fixes H and W when traced.
 
 Exit codes: 0 exported and verified; 1 verification failed; 2 configuration error.
 """
