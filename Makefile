@@ -25,6 +25,7 @@ demo: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/basicsr train -opt options/demo_mambacsr_x4.yml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 env: $(STAMP)

@@ -141,7 +141,8 @@ def main(argv: List[str] = None) -> int:
         for case in cases:
             case.measure(record=True)
 
-    print(f'\nmedians of {args.repeats} alternating eager/compiled calls; ratios eager / compiled (> 1: compile wins)\n')
+    print(f'\nmedians of {args.repeats} alternating eager/compiled calls; ratios eager / compiled '
+          '(> 1: compile wins)\n')
     print('| network | task | input | compile s | breaks | eager wall s | compiled wall s | eager CPU s | '
           'compiled CPU s | wall ratio | CPU ratio |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')

@@ -105,7 +105,7 @@ def main(argv: List[str] = None) -> int:
             results[condition].append(run_child(cfg, *condition))
     print(f'\nMambaCSR demo network, training step, batch {args.batch}, LR {args.lr_size}px, '
           f'median of {args.rounds} round(s) x {args.steps} step(s)')
-    print(f"| threads' wait policy | quiet (s) | one busy process (s) | busy / quiet |")
+    print("| threads' wait policy | quiet (s) | one busy process (s) | busy / quiet |")
     print('|---|---|---|---|')
     for policy in args.policies:
         quiet = statistics.median(results[(policy, False)])

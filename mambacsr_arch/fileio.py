@@ -233,7 +233,8 @@ def folder_lock(lock_file: PathLike, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive ``fcntl.flock`` on ``lock_file`` (created; this process's pid written in it).
 
     ``lock_file`` may be an existing folder: the folder itself is locked (nothing is created in it,
-    no pid recorded), for records whose folder must stay free of extra files. ``wait=False`` raises :class:`FolderLocked` (naming the holder's pid) instead of waiting. The lock
+    no pid recorded), for records whose folder must stay free of extra files. ``wait=False`` raises
+    :class:`FolderLocked` (naming the holder's pid) instead of waiting. The lock
     ends with the ``with`` block or with the process (the kernel drops it on a kill), so a stale lock
     file never blocks anyone; the file itself is left in place (removing it would race with a waiter).
     Where ``fcntl`` does not exist (Windows) this is a no-op.

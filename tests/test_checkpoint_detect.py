@@ -15,7 +15,8 @@ from mambacsr_arch.ops import use_backend
 pytestmark = pytest.mark.hostile
 
 GOLDEN = Path(__file__).resolve().parent / 'data' / 'golden'
-MAMBA = dict(type='MambaCSR', img_size=16, cross_scale_scan=False, embed_dim=24, depths=[1], depths2=[1], d_state=4, mlp_ratio=1.)
+MAMBA = dict(type='MambaCSR', img_size=16, cross_scale_scan=False, embed_dim=24, depths=[1], depths2=[1], d_state=4,
+             mlp_ratio=1.)
 HAT = dict(type='HAT', img_size=16, embed_dim=12, depths=[1], num_heads=[2], window_size=4, compress_ratio=3,
            squeeze_factor=4, mlp_ratio=1., upscale=2, upsampler='pixelshuffle')
 CONFIGS = [

@@ -7,7 +7,6 @@ user's existing BasicSR experiment runs unchanged through the plugin's CLI.
 import os
 import os.path as osp
 import re
-import shutil
 import subprocess
 import sys
 
@@ -113,7 +112,7 @@ def test_experiments_root_option_and_python_dash_m(workdir):
     test_opt['datasets'] = {'test_1': dict(test_opt['datasets']['val'], name='val')}
     test_opt['path'] = {'pretrain_network_g': 'elsewhere/run1/models/net_g_1.pth', 'strict_load_g': True}
     yml = _write_yaml(workdir / 'tiny_test.yml', test_opt)
-    proc = _run([osp.join(BIN, 'basicsr'), 'test', '-opt', yml], cwd=workdir)
+    _run([osp.join(BIN, 'basicsr'), 'test', '-opt', yml], cwd=workdir)
     logs = os.listdir(workdir / 'results' / 'tiny_root_test')
     assert any(f.startswith('test_tiny_root_test') for f in logs), logs
 

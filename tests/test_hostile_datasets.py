@@ -107,10 +107,12 @@ def test_lq_of_the_wrong_size_is_refused_when_built(tmp_path, kind):
     gt, lq = pair_folders(tmp_path, gt_size=(34, 41))  # LQ 8x10 = (34 // 4)x(41 // 4): fine
     assert len(build(kind, gt, lq)) == 2
     cv2.imwrite(str(lq / 'chelsea.jpg'), photo_bgr('chelsea', (9, 10)))
-    with pytest.raises(DatasetCheckError, match=r"val dataset 'hostile'.*gt/chelsea\.png' with LQ '.*lq/chelsea\.jpg'"
-                                                r": GT is 34x41 and LQ is 9x10, but at scale 4 the LQ of this GT is 8x10"):
+    with pytest.raises(DatasetCheckError, match=r"val dataset 'hostile'.*gt/chelsea\.png' with LQ "
+                                                r"'.*lq/chelsea\.jpg': GT is 34x41 and LQ is 9x10, "
+                                                r"but at scale 4 the LQ of this GT is 8x10"):
         build(kind, gt, lq)
-    assert len(build(kind, gt, lq, phase='train', gt_size=16, use_hflip=False, use_rot=False)) == 2  # train: not checked
+    # train: not checked
+    assert len(build(kind, gt, lq, phase='train', gt_size=16, use_hflip=False, use_rot=False)) == 2
 
 
 def test_gt_smaller_than_scale_refused_and_exif_rotation_respected(tmp_path):

@@ -102,7 +102,8 @@ def test_every_unknown_key_is_named_and_hat_gets_the_same_check(tmp_path, monkey
     with pytest.raises(OptionError) as err:
         parse(write(tmp_path / 'o.yml', opt), monkeypatch)
     message = str(err.value)
-    assert "'windowsize' (did you mean 'window_size'?)" in message and "'qkv_bais' (did you mean 'qkv_bias'?)" in message
+    assert "'windowsize' (did you mean 'window_size'?)" in message
+    assert "'qkv_bais' (did you mean 'qkv_bias'?)" in message
     assert 'HAT has no option' in message
 
 

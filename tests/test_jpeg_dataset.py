@@ -110,8 +110,8 @@ def test_training_crop_is_aligned_and_lq_is_the_degraded_gt_patch(gt_dir):
         assert gt.shape == (32, 32, 3) and lq.shape == (8, 8, 3)
         np.testing.assert_array_equal(lq, degrade_csr(gt, 4, sample['jpeg_quality']))
         # the GT patch is a block of the source at a position on the scale grid
-        hits = [(t, l) for t in range(0, 68 - 32 + 1, 4) for l in range(0, 88 - 32 + 1, 4)
-                if np.array_equal(src[t:t + 32, l:l + 32], gt)]
+        hits = [(t, left) for t in range(0, 68 - 32 + 1, 4) for left in range(0, 88 - 32 + 1, 4)
+                if np.array_equal(src[t:t + 32, left:left + 32], gt)]
         assert len(hits) == 1
         positions.add(hits[0])
     assert len(positions) > 1  # crops are random

@@ -296,7 +296,6 @@ def test_num_gpu_without_cuda_is_explained(tmp_path):
 def _ddp_worker(rank: int, world: int, init_file: str, root: str) -> None:
     import torch.distributed as dist
 
-    import mambacsr_arch  # noqa: F401
     from basicsr.models import build_model as build
 
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
@@ -354,7 +353,8 @@ def test_hat_model_pads_to_window_and_honours_official_tile_option(tmp_path):
     model = build_model(opt)
     kwargs = model.inference_kwargs(model.net_g)
     # HAT's own hard-cropped tiles (tile_process), not our blended ones
-    assert (kwargs['tile_mode'], kwargs['pad_multiple'], kwargs['tile_size'], kwargs['tile_overlap']) == ('hat', 4, 8, 2)
+    assert (kwargs['tile_mode'], kwargs['pad_multiple'], kwargs['tile_size'], kwargs['tile_overlap']) \
+        == ('hat', 4, 8, 2)
     model.feed_data({'lq': torch.rand(1, 3, 14, 17)})
     model.test()
     assert model.output.shape == (1, 3, 56, 68)

@@ -128,8 +128,6 @@ def test_training_state_with_counter_loads_weights_only(tmp_path):
 
     import torch
 
-    import mambacsr_arch  # noqa: F401
-
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(model.parameters())
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3, 5])

@@ -35,14 +35,13 @@ Exit codes: 0 exported and verified; 1 verification failed; 2 configuration erro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import os.path as osp
 import re
 import sys
 import time
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from mambacsr_arch.errors import ConfigError
 

@@ -33,8 +33,9 @@ Options (YAML, BasicSR style)::
     strict_options: bool      # unknown keys: error (default true) or only a warning (false)
 
 Images are decoded with :func:`~mambacsr_arch.data.image_io.read_image_bgr8` (grayscale -> 3
-channels, alpha dropped, 16-bit scaled); anything unreadable raises an error naming the file. With ``io_backend: lmdb`` every dataset of
-the process reading one database shares one environment (:mod:`mambacsr_arch.data.shared_lmdb`).
+channels, alpha dropped, 16-bit scaled); anything unreadable raises an error naming the file.
+With ``io_backend: lmdb`` every dataset of the process reading one database shares one environment
+(:mod:`mambacsr_arch.data.shared_lmdb`).
 """
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ Backends
                Triton ships with CUDA builds of PyTorch. ``TRITON_INTERPRET=1`` runs it on CPU
                tensors through Triton's interpreter (slow; how CI tests it).
 
-Selection: ``backend=`` argument > innermost ``use_backend`` block > ``MAMBACSR_SCAN_BACKEND`` environment variable > automatic
+Selection: ``backend=`` argument > innermost ``use_backend`` block > ``MAMBACSR_SCAN_BACKEND`` environment
+variable > automatic
 (``mamba_ssm`` for CUDA if it imports with its compiled extension and passes a check scan on
 the GPU, else ``triton`` if it passes its check scan, else ``torch``: the check compares the
 forward and every gradient with the float64 reference, once per process; ``cpu`` for CPU
