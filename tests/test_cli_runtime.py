@@ -150,7 +150,7 @@ def test_env_command_names_the_scan_backend():
     assert re.search(r'active backend for CPU tensors:\s+(cpu|torch) \(', proc.stdout), proc.stdout
     assert 'basicsr' in proc.stdout and 'torch' in proc.stdout
     assert 'mamba_ssm' in proc.stdout  # missing here: named with its install command
-    assert "mambacsr-arch[cuda]" in proc.stdout
+    assert "mamba-ssm (the [cuda] extra)" in proc.stdout
 
 
 def test_env_reports_an_unusable_backend_request_instead_of_crashing():

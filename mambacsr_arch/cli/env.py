@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 # optional package (import name) -> (what it enables, how to install)
 OPTIONAL_PACKAGES: Dict[str, Tuple[str, str]] = {
-    'mamba_ssm': ('CUDA selective-scan kernel', "pip install 'mambacsr-arch[cuda]'"),
+    'mamba_ssm': ('CUDA selective-scan kernel', 'pip install --no-build-isolation mamba-ssm (the [cuda] extra)'),
     'numba': ('fast CPU selective-scan kernel', 'pip install numba'),
     'triton': ('CUDA selective-scan kernels without mamba_ssm', 'a CUDA build of PyTorch ships it'),
     'lmdb': ('LMDB datasets', 'pip install lmdb'),

@@ -41,7 +41,7 @@ import re
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from mambacsr_arch.errors import ConfigError
 
@@ -97,15 +97,6 @@ def build_network_from(resolved: Any) -> Any:
 # ----------------------------------------------------------------------------- ONNX
 
 
-def _unpin_scan_backends(net: Any) -> List[Tuple[Any, Optional[str]]]:
-    """Clear the scan backend pinned on each mixer (``scan_backend`` of network_g) so that the scoped
-    ``export`` backend applies; returns ``(mixer, pinned)`` pairs to restore."""
-    pinned = [(m, m.scan_backend) for m in net.modules() if getattr(m, 'scan_backend', None) is not None]
-    for mixer, _ in pinned:
-        mixer.scan_backend = None
-    return pinned
-
-
 def _require_export_packages() -> None:
     missing = []
     for name in ('onnx', 'onnxscript', 'onnxruntime'):
@@ -137,8 +128,7 @@ def export_onnx(net: Any, path: str, size: Tuple[int, int], dynamic: bool, opset
     ``dynamic``: batch, height and width symbolic (traced at batch 2), height and width >= :func:`dynamic_minimum`.
 
     The selective scan runs on the ``export`` backend (:mod:`mambacsr_arch.ops.export_scan`: plain
-    tensor ops, a graph of fixed size whatever H x W); scan backends pinned on the mixers are
-    cleared while tracing.
+    tensor ops, a graph of fixed size whatever H x W), chosen by the scoped ``use_backend('export')``.
     """
     import torch
 
@@ -152,7 +142,6 @@ def export_onnx(net: Any, path: str, size: Tuple[int, int], dynamic: bool, opset
         low = dynamic_minimum(net)
         dynamic_shapes = ({0: torch.export.Dim('batch', min=1, max=4096), 2: torch.export.Dim('height', min=low),
                            3: torch.export.Dim('width', min=low)}, )
-    pinned = _unpin_scan_backends(net)
     try:
         with torch.no_grad(), use_backend('export'), warnings.catch_warnings():
             # HAT caches its attention masks per size (eager only): a fixed-size trace stores one, harmlessly
@@ -163,9 +152,6 @@ def export_onnx(net: Any, path: str, size: Tuple[int, int], dynamic: bool, opset
         first = re.sub(r'\x1b\[[0-9;]*m', '', str(err).strip().splitlines()[0] if str(err).strip() else '')
         fix = ' Export without --dynamic (a fixed --size) instead.' if dynamic else ''
         raise ExportConfigError(f'ONNX export failed: {type(err).__name__}: {first}{fix}') from err
-    finally:
-        for mixer, backend in pinned:
-            mixer.scan_backend = backend
     program.save(path, external_data=False)
 
 

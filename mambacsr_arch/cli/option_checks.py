@@ -539,7 +539,7 @@ def _has_states(path_opt: Mapping[str, Any]) -> bool:
 def _check_pretrained(opt: Mapping[str, Any], family: str, source: str) -> None:
     """``path.pretrain_network_g``: readable (no pickled code), and of ``network_g.type`` when loaded strictly."""
     from mambacsr_arch.archs.state_dict_report import foreign_checkpoint
-    from mambacsr_arch.models.weights import read_checkpoint, select_params
+    from mambacsr_arch.models.weights import choose_param_key, open_checkpoint, select_weights
 
     path_opt = opt['path']
     load_path = path_opt.get('pretrain_network_g')
@@ -547,8 +547,8 @@ def _check_pretrained(opt: Mapping[str, Any], family: str, source: str) -> None:
         return  # a resume loads its own network file (BasicSR's check_resume); load_resume_state checks it
     where = f'{source}: path.pretrain_network_g'
     try:
-        checkpoint = read_checkpoint(load_path)
-        state, _ = select_params(checkpoint, path_opt.get('param_key_g', 'params'), f"checkpoint '{load_path}'")
+        checkpoint = open_checkpoint(load_path)
+        state, _ = select_weights(checkpoint, choose_param_key(None, path_opt, has_option_file=True))
     except (ConfigError, OSError, KeyError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise OptionError(f'{where}: {message}') from err

@@ -163,14 +163,15 @@ def _check_resumed_arch(opt: Dict[str, Any], path: str, files: List[str]) -> Non
     """The ``net_g`` file a resume loads must be of ``network_g.type`` (MambaCSR / HAT), else one error."""
     from mambacsr_arch.archs.state_dict_report import foreign_checkpoint
     from mambacsr_arch.errors import ConfigError
-    from mambacsr_arch.models.weights import read_checkpoint, select_params
+    from mambacsr_arch.models.weights import choose_param_key, open_checkpoint, select_weights
 
     arch = (opt.get('network_g') or {}).get('type')
     net_g = [f for f in files if osp.basename(f).startswith('net_g_')]
     if arch not in ('MambaCSR', 'HAT') or not net_g:
         return
     try:
-        state, _ = select_params(read_checkpoint(net_g[0]), opt['path'].get('param_key_g', 'params'), net_g[0])
+        param_key = choose_param_key(None, opt['path'], has_option_file=True)
+        state, _ = select_weights(open_checkpoint(net_g[0]), param_key)
     except (ConfigError, OSError, KeyError, RuntimeError) as err:
         raise UnusableStateError(f"training state '{path}': its network file '{net_g[0]}' cannot be read "
                                  f'({err})') from err

@@ -112,7 +112,8 @@ def _warn_slow_scan(device_type: str) -> None:
         return
     if name == 'torch' and not reason.startswith('requested'):
         hint = ('pip install numba' if device_type == 'cpu' else
-                "pip install 'mambacsr-arch[cuda]' (mamba_ssm) or triton" if device_type == 'cuda' else '')
+                'pip install --no-build-isolation mamba-ssm, or a CUDA build of torch (triton)'
+                if device_type == 'cuda' else '')
         warnings.warn(f'mambacsr_arch: MambaCSR on {device_type} uses the portable PyTorch selective scan, which is '
                       f'several times slower ({reason}){"; for speed: " + hint if hint else ""}.',
                       RuntimeWarning, stacklevel=3)

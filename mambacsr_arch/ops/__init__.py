@@ -23,7 +23,7 @@ return_last_state=False, backend=None, delta_weight=None)``
 
 Backends
 --------
-``mamba_ssm``  the CUDA kernel of the ``mamba_ssm`` package (``pip install 'mambacsr-arch[cuda]'``),
+``mamba_ssm``  the CUDA kernel of the ``mamba_ssm`` package (the ``[cuda]`` extra: ``pip install mamba-ssm``),
                imported lazily, never at package import.
 ``cpu``        fused, exact numba kernel for CPU tensors, forward and backward; state checkpoints
                every 64 steps keep backward memory O(batch * dim * L). Runs on

@@ -17,7 +17,7 @@ import torch
 from . import reference
 
 MODULE = 'mamba_ssm.ops.selective_scan_interface'
-INSTALL_HINT = "install with pip install 'mambacsr-arch[cuda]'"
+INSTALL_HINT = 'install with pip install --no-build-isolation mamba-ssm (the [cuda] extra)'
 # mamba_ssm's setup.py downloads a prebuilt wheel unless MAMBA_FORCE_BUILD=TRUE; building needs nvcc
 REBUILD_HINT = ('reinstall mamba-ssm so that it builds its CUDA extension (selective_scan_cuda): '
                 'MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation --no-cache-dir --force-reinstall '
