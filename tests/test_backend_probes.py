@@ -17,7 +17,7 @@ import torch
 
 import mambacsr_arch  # noqa: F401
 from mambacsr_arch.cli import env
-from mambacsr_arch.ops import ENV_VAR, available_backends, dispatch, mamba_ssm_backend, reference, \
+from mambacsr_arch.ops import available_backends, dispatch, mamba_ssm_backend, reference, \
     resolve_backend, selective_scan, triton_scan
 
 CUDA = torch.device('cuda')  # constructing a device needs no GPU
@@ -25,11 +25,8 @@ SHORT = 70  # mamba_ssm's check length in most tests here (its real one, 4133, t
 
 
 @pytest.fixture(autouse=True)
-def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Probes and checks afresh, nothing logged yet, no backend from the environment."""
-    monkeypatch.setattr(dispatch, '_AVAILABILITY', {})
-    monkeypatch.setattr(dispatch, '_LOGGED', set())
-    monkeypatch.delenv(ENV_VAR, raising=False)
+def fresh_state(fresh_dispatch) -> None:
+    """Probes and checks afresh, nothing logged yet, no backend from the environment (conftest)."""
 
 
 @pytest.fixture

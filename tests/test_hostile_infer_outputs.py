@@ -147,8 +147,8 @@ def test_truncated_recorded_output_is_restored_again(tmp_path, net_args, capsys)
     assert (out / 'b.png').read_bytes() == edited_bytes  # kept
     assert (out / 'd.png').read_bytes() == b'not ours, not an image'
     assert '1 written' in captured.out and '2 skipped' in captured.out, captured.out
-    assert captured.err.count('damaged') == 1 and 'restored again: a.png' in captured.err, captured.err
-    assert captured.err.count('edited') == 1 and 'kept, --overwrite to restore them: b.png' in captured.err
+    assert captured.err.count('damaged') == 1 and "restored again: 'a.png'" in captured.err, captured.err
+    assert captured.err.count('edited') == 1 and "kept, --overwrite to restore them: 'b.png'" in captured.err
     assert _manifest(out)['a.png']['sha256'] == _sha(out / 'a.png')
 
 

@@ -150,20 +150,17 @@ def test_onnx_flags_with_a_safetensors_output_are_refused(tmp_path, capsys, flag
              tmp_path, flags[0], 'only apply to ONNX')
 
 
-@pytest.mark.parametrize('option,fragment', [('scan_size=0', 'scan_size must be an integer >= 1'),
-                                             ('d_state=0', 'd_state must be an integer >= 1'),
-                                             ('img_range=0', 'img_range must be a number > 0')])
-def test_mambacsr_options_that_build_a_broken_network(tmp_path, capsys, image, option, fragment):
-    torch.save({'params': _state(MAMBA)}, tmp_path / 'mamba.pth')
-    _refused(capsys, _infer(image, tmp_path, tmp_path / 'mamba.pth', '--arch-opt', option), tmp_path, fragment)
-
-
-@pytest.mark.parametrize('option,fragment', [('window_size=0', 'window_size must be an integer >= 1'),
-                                             ('num_heads=[5]', 'divisible by every num_heads'),
-                                             ('compress_ratio=24', 'compress_ratio')])
-def test_hat_options_that_build_a_broken_network(tmp_path, capsys, image, option, fragment):
-    torch.save({'params': _state(HAT)}, tmp_path / 'hat.pth')
-    _refused(capsys, _infer(image, tmp_path, tmp_path / 'hat.pth', '--arch-opt', option), tmp_path, fragment)
+@pytest.mark.parametrize('arch,option,fragment', [
+    ('MambaCSR', 'scan_size=0', 'scan_size must be an integer >= 1'),
+    ('MambaCSR', 'd_state=0', 'd_state must be an integer >= 1'),
+    ('MambaCSR', 'img_range=0', 'img_range must be a number > 0'),
+    ('HAT', 'window_size=0', 'window_size must be an integer >= 1'),
+    ('HAT', 'num_heads=[5]', 'divisible by every num_heads'),
+    ('HAT', 'compress_ratio=24', 'compress_ratio')])
+def test_options_that_build_a_broken_network(tmp_path, capsys, image, arch, option, fragment):
+    weights = tmp_path / f'{arch}.pth'
+    torch.save({'params': _state(MAMBA if arch == 'MambaCSR' else HAT)}, weights)
+    _refused(capsys, _infer(image, tmp_path, weights, '--arch-opt', option), tmp_path, fragment)
 
 
 def test_asking_a_safetensors_for_an_entry_it_does_not_hold(tmp_path, capsys, image):

@@ -372,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mambacsr_arch.data.image_io import ImageReadError
+    from mambacsr_arch.data.pairing import listing
 
     # configuration errors (ConfigError) propagate to mambacsr_arch.cli.main: one line, exit 2, nothing written
     setup = resolve_setup(args)
@@ -438,9 +439,6 @@ def run(args: argparse.Namespace) -> int:
             failed.append(message)
             bar.write(f'FAILED {message}', file=sys.stderr)
     bar.close()
-    def listing(names: List[str]) -> str:
-        return ', '.join(names[:5]) + (f' and {len(names) - 5} more' if len(names) > 5 else '')
-
     notes_lines = []
     if redone:
         notes_lines.append(f'{len(redone)} output(s) recorded in {MANIFEST_NAME} were damaged since infer wrote them '

@@ -105,15 +105,18 @@ def read_image_bgr8(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, mem
         ImageReadError: missing/unreadable file or any decoding problem, naming the file.
     """
     if isinstance(path_or_bytes, (str, os.PathLike)):
-        path = os.fspath(path_or_bytes)
-        label = name or path
-        try:
-            with open(path, 'rb') as f:
-                content = f.read()
-        except OSError as err:
-            raise ImageReadError(f'{label}: cannot read file ({err.strerror or err}).') from err
-        return decode_image_bgr8(content, label)
+        label = name or os.fspath(path_or_bytes)
+        return decode_image_bgr8(_read_bytes(path_or_bytes, label), label)
     return decode_image_bgr8(path_or_bytes, name or '<bytes>')
+
+
+def _read_bytes(path: Union[str, os.PathLike], label: str) -> bytes:
+    """The file's bytes; :class:`ImageReadError` naming ``label`` when it cannot be read."""
+    try:
+        with open(os.fspath(path), 'rb') as f:
+            return f.read()
+    except OSError as err:
+        raise ImageReadError(f'{label}: cannot read file ({err.strerror or err}).') from err
 
 
 @dataclass(frozen=True)
@@ -135,13 +138,8 @@ def read_image_with_layout(path: Union[str, os.PathLike], name: Optional[str] = 
     The layout comes from a second decode with ``cv2.IMREAD_UNCHANGED`` (OpenCV has no header-only
     read); gray+alpha files are reported as ``channels=1, alpha=True``.
     """
-    path = os.fspath(path)
-    label = name or path
-    try:
-        with open(path, 'rb') as f:
-            content = f.read()
-    except OSError as err:
-        raise ImageReadError(f'{label}: cannot read file ({err.strerror or err}).') from err
+    label = name or os.fspath(path)
+    content = _read_bytes(path, label)
     img = decode_image_bgr8(content, label)
     raw = cv2.imdecode(np.frombuffer(content, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if raw is None:  # decodable as colour but not unchanged: nothing more to tell

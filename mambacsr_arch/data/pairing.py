@@ -45,7 +45,8 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _listing(names: Sequence[str]) -> str:
+def listing(names: Sequence[str]) -> str:
+    """The first few names, quoted, and how many more (for one-line messages)."""
     shown = ', '.join(f"'{n}'" for n in names[:_SHOWN])
     return shown + (f' and {len(names) - _SHOWN} more' if len(names) > _SHOWN else '')
 
@@ -117,7 +118,7 @@ def _match(lq: _Folder, gt: _Folder, filename_tmpl: str) -> StemMatch:
         lq_name = lq.by_stem.get(want)
         if lq_name is None:
             near = lq.non_images_with_stem(want)
-            match.missing.append(gt.by_stem[stem] + (f" (found {_listing(near)}, not an image type)" if near else ''))
+            match.missing.append(gt.by_stem[stem] + (f" (found {listing(near)}, not an image type)" if near else ''))
             continue
         used.add(want)
         match.pairs.append((stem, osp.join(lq.folder, lq_name), osp.join(gt.folder, gt.by_stem[stem])))
@@ -144,10 +145,10 @@ def paired_paths_from_folder(folders: Sequence[str], keys: Sequence[str],
         problems = []
         if missing:
             problems.append(f"{len(missing)} GT image(s) in '{gt.folder}' have no LQ image "
-                            f"'{lq_stem('<stem>', filename_tmpl)}.<image ext>' in '{lq.folder}': {_listing(missing)}")
+                            f"'{lq_stem('<stem>', filename_tmpl)}.<image ext>' in '{lq.folder}': {listing(missing)}")
         if extra:
             problems.append(f"{len(extra)} LQ image(s) in '{lq.folder}' match no GT image in '{gt.folder}': "
-                            f'{_listing(extra)}')
+                            f'{listing(extra)}')
         hint = (f" (filename_tmpl is {filename_tmpl!r}: LQ stem = filename_tmpl.format(GT stem))"
                 if not paths else '')
         raise PairingError(f'cannot pair dataroot_{lq_key} with dataroot_{gt_key}: ' + '; '.join(problems) +
@@ -155,7 +156,7 @@ def paired_paths_from_folder(folders: Sequence[str], keys: Sequence[str],
     for folder in (lq, gt):
         if folder.others:
             logger.warning(f"dataroot_{folder.key} '{folder.folder}': skipping {len(folder.others)} file(s) that "
-                           f'are not images ({", ".join(IMAGE_EXTENSIONS)}): {_listing(folder.others)}.')
+                           f'are not images ({", ".join(IMAGE_EXTENSIONS)}): {listing(folder.others)}.')
     return paths
 
 
