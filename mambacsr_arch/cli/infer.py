@@ -204,6 +204,11 @@ def resolve_setup(args: argparse.Namespace) -> InferSetup:
         scale, scale_from = opt['scale'], f'scale in {source}'
     else:
         scale, scale_from = network_opt.get('upscale') or network_opt.get('scale'), 'network_g.upscale'
+    if scale is None and resolved is None:  # --arch without upscale: the weights' upsampler shows it
+        from mambacsr_arch.archs.state_dict_report import pixelshuffle_scale
+
+        resolved = resolve_network(**request)  # also refuses weights of another arch than --arch
+        scale, scale_from = pixelshuffle_scale(resolved.state), f"the upsampler of '{weights}'"
     if scale is None:
         raise InferConfigError(f'cannot tell the upscaling factor: pass --scale N or set scale in {source}.')
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
