@@ -129,6 +129,9 @@ def test_arch_flag_with_the_other_archs_weights(tmp_path, capsys, image):
     torch.save({'params': _state(MAMBA)}, tmp_path / 'mamba.pth')
     _refused(capsys, _infer(image, tmp_path, tmp_path / 'mamba.pth', '--arch', 'HAT', '--scale', '2'), tmp_path,
              'is a MambaCSR checkpoint', 'not a HAT one')
+    # without --scale too: the weights are read for the scale, and the arch mismatch is what is said
+    _refused(capsys, _infer(image, tmp_path, tmp_path / 'hat.pth', '--arch', 'MambaCSR'), tmp_path,
+             'is a HAT checkpoint', 'not a MambaCSR one')
 
 
 def test_safetensors_get_the_permissions_of_a_normal_file(tmp_path, capsys):
