@@ -7,6 +7,7 @@ flag, checkpoint or image. Nothing else should reach the user without a tracebac
 from __future__ import annotations
 
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 class ConfigError(ValueError):

@@ -246,3 +246,24 @@ def test_gt_size_larger_than_the_training_images_says_how_many_and_the_largest(t
     opt['datasets']['val']['dataroot_gt'] = str(tmp_path / 'gt')
     refused(cli_process('train', opt, tmp_path), '3 of 3 GT images are smaller than gt_size 32',
             'the largest image is 28x40', 'lower datasets.train.gt_size to 28 or less')
+
+
+def test_a_checkpoint_given_as_the_option_file(tmp_path, cli):
+    torch.save({'params': {'w': torch.ones(3)}}, tmp_path / 'net_g.pth')
+    before = tree(tmp_path)
+    for command in ('train', 'test'):
+        refused(cli(command, str(tmp_path / 'net_g.pth')), 'not UTF-8 text', 'is -opt a YAML option file?')
+    assert tree(tmp_path) == before
+
+
+def test_ctrl_c_before_a_command_runs_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while a command starts (imports, model build): exit 130, no traceback."""
+    from mambacsr_arch.cli import env
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(env, 'run', interrupted)
+    assert cli_main(['env']) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == 'basicsr env: interrupted.' and 'Traceback' not in err

@@ -25,6 +25,7 @@ from basicsr.models import build_model
 from helpers_images import photo_bgr
 from mambacsr_arch.cli import infer as infer_cli
 from mambacsr_arch.cli.main import main as cli_main
+from mambacsr_arch.errors import EXIT_CONFIG
 from mambacsr_arch.models import csr_model
 from mambacsr_arch.models import inference
 from mambacsr_arch.models.inference import InferenceSettings, resolve_inference_settings, restore_image
@@ -154,7 +155,7 @@ def test_bad_tile_options_fail_before_any_work(top, match, tmp_path, capsys):
 def test_bad_infer_flags_exit_2_naming_the_flag(argv, match, tmp_path, capsys):
     argv = ['infer', '-i', str(tmp_path), '-o', str(tmp_path / 'out'), '--arch', 'HAT', '--weights', 'w.pth',
             '--scale', '4'] + argv  # a later --scale wins
-    assert cli_main(argv) == infer_cli.EXIT_CONFIG
+    assert cli_main(argv) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert re.search(match, err.strip().splitlines()[-1]), err
 

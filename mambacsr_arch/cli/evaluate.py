@@ -34,9 +34,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from mambacsr_arch.errors import ConfigError
+from mambacsr_arch.errors import EXIT_CONFIG, ConfigError
 
-EXIT_OK, EXIT_FAILED_PAIRS, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED_PAIRS = 0, 1
 
 
 class EvalError(ConfigError):

@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Tuple
 
 from mambacsr_arch.errors import ConfigError
 
-EXIT_OK, EXIT_MISMATCH, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_MISMATCH = 0, 1
 DEFAULT_OPSET = 18
 DEFAULT_TOLERANCE = 1e-3
 

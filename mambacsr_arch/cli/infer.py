@@ -88,10 +88,10 @@ from mambacsr_arch.cli import infer_outputs
 from mambacsr_arch.cli.infer_outputs import (MANIFEST_NAME, LayoutNotes, OutputPlan, OutputPlanError,  # noqa: F401
                                              existing_output, output_path, read_manifest, record_outputs,
                                              write_manifest)
-from mambacsr_arch.errors import ConfigError
+from mambacsr_arch.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
 from mambacsr_arch.fileio import write_image_atomic
 
-EXIT_OK, EXIT_FAILED_IMAGES, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED_IMAGES = 0, 1
 OUTPUT_EXTENSIONS = ('png', 'jpg', 'jpeg', 'bmp', 'tif', 'tiff', 'webp')
 
 

@@ -22,7 +22,7 @@ import importlib
 import sys
 from typing import Dict, List, Optional
 
-from mambacsr_arch.errors import EXIT_CONFIG, ConfigError
+from mambacsr_arch.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
 
 # subcommand -> (module under mambacsr_arch.cli, one-line help)
 SUBCOMMANDS: Dict[str, tuple] = {
@@ -53,17 +53,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"basicsr: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f'mambacsr_arch.cli.{SUBCOMMANDS[command][0]}')
-    if command in PASSTHROUGH:
-        return int(module.main(rest) or 0)
-    parser = argparse.ArgumentParser(prog=f'basicsr {command}', description=SUBCOMMANDS[command][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
     try:
+        module = importlib.import_module(f'mambacsr_arch.cli.{SUBCOMMANDS[command][0]}')
+        if command in PASSTHROUGH:
+            return int(module.main(rest) or 0)
+        parser = argparse.ArgumentParser(prog=f'basicsr {command}', description=SUBCOMMANDS[command][1])
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
         return int(module.run(args) or 0)
     except ConfigError as err:  # the one place a user error of infer/eval/export/... becomes one line
         print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (start-up, model build): no traceback
+        print(f'basicsr {command}: interrupted.', file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == '__main__':

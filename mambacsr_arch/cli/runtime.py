@@ -321,6 +321,9 @@ def wrap_parse_options(parse_options: Callable) -> Callable:
                 opt, args = parse_options(root_path, is_train=is_train)
         except yaml.YAMLError as err:
             raise option_checks.OptionError(f'the option file is not valid YAML: {err}') from err
+        except UnicodeDecodeError as err:  # e.g. a checkpoint given as -opt
+            raise option_checks.OptionError(f'the option file is not UTF-8 text ({err.reason} at byte {err.start}): '
+                                            'is -opt a YAML option file?') from err
         except FileNotFoundError as err:
             if err.filename is None or osp.exists(err.filename):
                 raise
