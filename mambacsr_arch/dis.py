@@ -166,7 +166,8 @@ def scan_tokens(grid: torch.Tensor, window: Optional[int], column_first: bool = 
     if _symbolic(h, w):
         if column_first:
             grid, h, w = grid.transpose(1, 2), w, h
-        tokens = grid.flatten(1, 2).index_select(1, _sequence_sources(h, w, window, grid.device))
+        # contiguous first: flattening a strided view makes the exporter guard on the sizes (no copy in ONNX)
+        tokens = grid.contiguous().flatten(1, 2).index_select(1, _sequence_sources(h, w, window, grid.device))
         if out is None:
             return tokens
         return out.copy_(tokens)
@@ -243,7 +244,7 @@ def _cross_grid(size: Sequence[int], window: int) -> Tuple[int, int, int]:
     """(low-res H, low-res W, low-res window) for a cross-scale scan of a (H, W) high-resolution map."""
     if window < 2 or window % 2:
         raise ValueError(f'cross-scale window must be an even integer >= 2, got {window}')
-    return -(-int(size[0]) // 2), -(-int(size[1]) // 2), window // 2
+    return (size[0] + 1) // 2, (size[1] + 1) // 2, window // 2  # sizes may be symbolic (graph export)
 
 
 def cross_scale_length(size: Sequence[int], window: int) -> int:
@@ -296,6 +297,9 @@ def cross_scale_tokens(grid: torch.Tensor, grid_down: torch.Tensor, window: int,
     if tuple(grid_down.shape[1:3]) != (h2, w2):
         raise ValueError(f'cross_scale_tokens: low-resolution map {tuple(grid_down.shape)} is not (B, {h2}, {w2}, '
                          f'...) for the high-resolution map {tuple(grid.shape)}')
+    if out is None and _symbolic(h2, w2):  # a graph exporter's dynamic size: gathers and one cat, no copies
+        low = scan_tokens(grid_down, k, column_first).unsqueeze(2)  # into views (their scatters bloat the graph)
+        return torch.cat((low, scan_tokens(_blocks(_even(grid), column_first), k, column_first).flatten(2, 3)), dim=2)
     if out is None:
         out = grid.new_empty((b, h2 * w2, 5) + tuple(grid.shape[3:]))
     scan_tokens(grid_down, k, column_first, out=out[:, :, 0])
@@ -306,8 +310,19 @@ def cross_scale_tokens(grid: torch.Tensor, grid_down: torch.Tensor, window: int,
 def cross_scale_merge_tokens(high: torch.Tensor, window: int, size: Sequence[int], column_first: bool = False
                              ) -> torch.Tensor:
     """Inverse of :func:`cross_scale_tokens` for the high-resolution part: (B, h*w, 4, *E) -> (B, H, W, *E)."""
-    h, w = int(size[0]), int(size[1])
+    h, w = size[0], size[1]
     h2, w2, k = _cross_grid((h, w), window)
+    if _symbolic(h, w):  # a graph exporter's dynamic size (even there, as _even proves in the scan): one
+        # gather by (group, place in the 2 x 2 block) per map position (no scatter, no reshape to guard on)
+        rows = torch.arange(2 * h2, device=high.device)[:, None]
+        cols = torch.arange(2 * w2, device=high.device)[None, :]
+        if column_first:
+            group = _window_coords(cols // 2, rows // 2, w2, h2, k)
+            place = cols % 2 * 2 + rows % 2
+        else:
+            group = _window_coords(rows // 2, cols // 2, h2, w2, k)
+            place = rows % 2 * 2 + cols % 2
+        return high[:, group, place]
     out = high.new_empty((high.shape[0], 2 * h2, 2 * w2) + tuple(high.shape[3:]))
     blocks = _blocks(out, column_first)
     merge_tokens(high.unflatten(2, (2, 2)), k, (h2, w2), column_first, out=blocks)
@@ -339,7 +354,7 @@ def cross_scale_merge(seq: torch.Tensor, window: int, size: Sequence[int], colum
     """
     if seq.dim() != 3:
         raise ValueError(f'cross_scale_merge expects a (B, C, L) tensor, got shape {tuple(seq.shape)}')
-    h, w = int(size[0]), int(size[1])
+    h, w = size[0], size[1]
     b, c, length = seq.shape
     expected = cross_scale_length((h, w), window)
     if length != expected:

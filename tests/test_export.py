@@ -101,17 +101,24 @@ HAT2 = dict(HAT, depths=[2])  # two blocks: the second attends in shifted window
 MAMBA_DIS = dict(MAMBA, cross_scale_scan=False)
 
 
-@pytest.mark.parametrize('opt', [HAT2, pytest.param(MAMBA_DIS, marks=pytest.mark.slow)], ids=['HAT', 'MambaCSR'])
-def test_dynamic_export_runs_at_any_size(tmp_path, capsys, opt):
+@pytest.mark.parametrize('opt', [HAT2, pytest.param(MAMBA_DIS, marks=pytest.mark.slow),
+                                 pytest.param(MAMBA, marks=pytest.mark.slow)], ids=['HAT', 'MambaCSR', 'cross-scale'])
+def test_dynamic_export_runs_at_any_size(tmp_path, capsys, monkeypatch, opt):
     import onnxruntime
 
+    if opt is MAMBA:  # the cross-scale graph is checked here, the scan's chunk size by the others: short chunks
+        from mambacsr_arch.ops import export_scan  # halve this export's time (112 s vs 245 s on 2 cores)
+
+        monkeypatch.setattr(export_scan, 'CHUNK', 4)
     net, weights = _checkpoint(tmp_path, opt)
     out = tmp_path / 'dyn.onnx'
     assert main(['export', '--weights', str(weights), '-o', str(out), '--size', '8', '12', '--dynamic']) == 0
     printed = capsys.readouterr().out
-    low = 4 if opt is HAT2 else 2  # HAT: window_size (reflect padding); MambaCSR: 2
+    low = {id(HAT2): 4, id(MAMBA): 3}.get(id(opt), 2)  # HAT: window_size (reflect padding); cross-scale: 3
     checked = [line for line in printed.splitlines() if 'max abs difference' in line]
     assert len(checked) == 4 and f'at input (3, 3, {low}, {low})' in printed, printed
+    # float32 noise only (a batch fixed in the graph once reshuffled channels at other batches: 2e-4 here)
+    assert max(float(line.split('max abs difference ')[1].split()[0]) for line in checked) <= 1e-5, printed
     assert f'(N, 3, H, W), H, W >= {low}' in printed
     session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
     for shape in [(2, 3, 9, 13), (1, 3, low, 11)]:  # sizes the command did not check: odd, no window multiple
@@ -122,14 +129,10 @@ def test_dynamic_export_runs_at_any_size(tmp_path, capsys, opt):
         assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-3
 
 
-def test_dynamic_size_below_the_minimum_is_a_config_error(tmp_path, capsys):
-    _, weights = _checkpoint(tmp_path, HAT2)
-    assert main(['export', '--weights', str(weights), '-o', str(tmp_path / 'd.onnx'), '--size', '3', '8',
+@pytest.mark.parametrize('opt,size,low', [(HAT2, 3, 4), (MAMBA, 2, 3), (MAMBA_DIS, 1, 2)],
+                         ids=['HAT', 'cross-scale', 'MambaCSR'])
+def test_dynamic_size_below_the_minimum_is_a_config_error(tmp_path, capsys, opt, size, low):
+    _, weights = _checkpoint(tmp_path, opt)
+    assert main(['export', '--weights', str(weights), '-o', str(tmp_path / 'd.onnx'), '--size', str(size), '8',
                  '--dynamic']) == 2
-    assert '>= 4' in capsys.readouterr().err and not (tmp_path / 'd.onnx').exists()
-
-
-def test_dynamic_cross_scale_mambacsr_is_refused(tmp_path, capsys):
-    _, weights = _checkpoint(tmp_path, MAMBA)
-    assert main(['export', '--weights', str(weights), '-o', str(tmp_path / 'd.onnx'), '--dynamic']) == 2
-    assert 'cross_scale_scan' in capsys.readouterr().err and not (tmp_path / 'd.onnx').exists()
+    assert f'>= {low}' in capsys.readouterr().err and not (tmp_path / 'd.onnx').exists()

@@ -95,15 +95,41 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'reflect') -> Tu
     Returns the padded tensor and the original (H, W) for cropping the output back.
     """
     h, w = x.shape[-2:]
-    pad_h = (multiple - h % multiple) % multiple
-    pad_w = (multiple - w % multiple) % multiple
+    # written as (multiple of ``multiple``) - size: a symbolic padded size is then visibly a multiple
+    pad_h = (h + multiple - 1) // multiple * multiple - h
+    pad_w = (w + multiple - 1) // multiple * multiple - w
     if not (isinstance(h, int) and isinstance(w, int)):  # symbolic size (dynamic ONNX export): no branch on it
-        return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)  # the exporter requires size >= multiple
+        return _gather_pad(_gather_pad(x, 2, h + pad_h, mode), 3, w + pad_w, mode), (h, w)
     if pad_h == 0 and pad_w == 0:
         return x, (h, w)
     if mode == 'reflect' and (pad_h >= h or pad_w >= w):
         mode = 'replicate'
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)
+
+
+def crop_to(x: torch.Tensor, h, w) -> torch.Tensor:
+    """The top-left (h, w) of a (..., H, W) tensor (the inverse of :func:`pad_to_multiple` on an output);
+    for a symbolic size, gathers (a slice makes a graph exporter guard on the end vs the size)."""
+    if isinstance(h, int) and isinstance(w, int):
+        return x[..., :h, :w]
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _gather_pad(x: torch.Tensor, dim: int, padded, mode: str) -> torch.Tensor:
+    """``x`` padded at the end of ``dim`` to ``padded`` entries as one gather: the same values as
+    ``F.pad`` for a symbolic size, without the size checks a graph exporter cannot prove (reflect:
+    entry i >= size reads 2 (size - 1) - i, valid for pad < size, which the exporter's minimum size
+    guarantees)."""
+    size = x.shape[dim]
+    index = torch.arange(padded, device=x.device)
+    if mode == 'reflect':
+        index = torch.where(index < size, index, 2 * (size - 1) - index)
+    elif mode == 'replicate':
+        index = index.clamp(max=size - 1)
+    else:
+        raise ValueError(f"pad mode must be 'reflect' or 'replicate' for a symbolic size, got {mode!r}")
+    return x.index_select(dim, index)
 
 
 def channels_last_weight_(conv: nn.Conv2d) -> nn.Conv2d:

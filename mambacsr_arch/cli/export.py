@@ -26,9 +26,9 @@ nothing written) above ``--tolerance`` (default 1e-3). The ``.onnx`` is written 
 self-contained (no external-data file; models under 2 GB).
 
 ``--dynamic`` makes batch, height and width symbolic: any size from :func:`dynamic_minimum` up
-(HAT: window_size; MambaCSR: 2), odd sizes included; it is verified at 4 inputs (the traced
-``--size``, default an odd size, and others: odd, non-window multiples, batch 1-3). A MambaCSR with
-``cross_scale_scan`` is refused (exit 2): its cross-scale order fixes H and W when traced.
+(HAT: window_size; MambaCSR: 2, with ``cross_scale_scan`` 3), odd sizes included; it is verified
+at 4 inputs (the traced ``--size``, default an odd size, and others: odd, non-window multiples,
+batch 1-3).
 
 Exit codes: 0 exported and verified; 1 verification failed; 2 configuration error.
 """
@@ -111,7 +111,10 @@ def _require_export_packages() -> None:
 
 def dynamic_minimum(net: Any) -> int:
     """Smallest height/width a ``--dynamic`` model accepts: the input multiple the network pads to
-    (HAT: window_size, whose reflect padding needs pad < size; MambaCSR: 2), at least 2."""
+    (HAT: window_size, whose reflect padding needs pad < size; MambaCSR: 2), at least 2; 3 for a
+    cross-scale MambaCSR (its half-resolution map must be >= 2 px for the traced convolutions)."""
+    if getattr(net, 'cross_scale_scan', False):
+        return 3
     return max(2, int(getattr(net, 'pad_multiple', 1)))
 
 
@@ -246,10 +249,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_and_verify(net: Any, args: argparse.Namespace) -> int:
     in_chans = int(net.conv_first.weight.shape[1])
-    if args.dynamic and getattr(net, 'cross_scale_scan', False):
-        # its 2 x 2 blocks and the even padding make torch.export specialise H and W (a fixed-size graph)
-        raise ExportConfigError('--dynamic: a MambaCSR with cross_scale_scan exports at a fixed size only (its '
-                                'cross-scale token order fixes H and W when traced); use --size H W without --dynamic.')
     if args.size is None:  # --dynamic without --size: traced at an odd, non-square size above the minimum
         low = dynamic_minimum(net)
         args.size = [2 * low + 3, 2 * low + 5]

@@ -29,7 +29,7 @@ from torch import nn
 
 from ...registry import registers
 from .blocks import RHAG
-from ..layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
+from ..layers import PatchEmbed, PatchUnEmbed, crop_to, init_linear_and_norm, make_resi_conv, pad_to_multiple
 from ..state_dict_report import describe_mismatch, positive_int, positive_number
 
 UPSAMPLERS = ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv', '')
@@ -291,7 +291,7 @@ class HAT(nn.Module):
                 x = self.conv_last(self.lrelu(self.conv_hr(x)))
             scale = self.upscale
         x = x / self.img_range + mean
-        return x[..., :h * scale, :w * scale]
+        return crop_to(x, h * scale, w * scale)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``; with ``strict=True`` a mismatch raises one RuntimeError

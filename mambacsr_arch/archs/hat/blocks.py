@@ -13,11 +13,23 @@ from typing import List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn.functional as F
 from basicsr.archs.arch_util import trunc_normal_
-from basicsr.archs.swinir_arch import DropPath, Mlp, window_partition, window_reverse
+from basicsr.archs.swinir_arch import DropPath, Mlp, window_partition
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from ..layers import CAB, PatchEmbed, PatchUnEmbed, make_resi_conv
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, h, w) -> torch.Tensor:
+    """(B*nw, ws, ws, C) windows -> (B, H, W, C): the inverse of ``window_partition``.
+
+    BasicSR's ``window_reverse`` computes B as ``int(windows / (H*W/ws/ws))``: a graph exporter then
+    fixes B at its traced value, and with ``-1`` as the channel count a dynamic-batch ONNX model
+    reshuffled channels at any other batch (silently: 1e-4 to 1e-2 off). Here B is the ``-1``.
+    """
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,

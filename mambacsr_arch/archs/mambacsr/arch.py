@@ -53,7 +53,7 @@ from torch import nn
 
 from ...registry import registers
 from .blocks import CrossScaleBlock, ResidualDISGroup
-from ..layers import PatchEmbed, PatchUnEmbed, init_linear_and_norm, make_resi_conv, pad_to_multiple
+from ..layers import PatchEmbed, PatchUnEmbed, crop_to, init_linear_and_norm, make_resi_conv, pad_to_multiple
 from ..state_dict_report import describe_mismatch, positive_int, positive_number
 
 __all__ = ['MambaCSR']
@@ -181,7 +181,7 @@ class MambaCSR(nn.Module):
         """(B, C, H, W) shallow features -> (B, C, H, W) deep features. H, W even with cross-scale."""
         x_size = (x.shape[2], x.shape[3])
         if self.cross_scale_scan:
-            x_down = F.interpolate(x, scale_factor=0.5, mode='bilinear', align_corners=False)
+            x_down = F.avg_pool2d(x, 2)
             down_size = (x_down.shape[2], x_down.shape[3])
             x_down = self.pos_drop2(self.patch_embed2(x_down))
         x = self.pos_drop(self.patch_embed(x))
@@ -207,11 +207,14 @@ class MambaCSR(nn.Module):
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
-        x = self.conv_after_body(self.forward_features(x)) + x
+        deep = self.conv_after_body(self.forward_features(x))
+        if not isinstance(h, int):  # a graph exporter's symbolic size: one memory format for the sum (the
+            deep = deep.contiguous()  # stride checks of a channels-last + contiguous sum are not provable)
+        x = deep + x
         x = self.conv_before_upsample(x)
         x = self.conv_last(self.upsample(x))
         x = x / self.img_range + mean
-        return x[..., :h * self.upscale, :w * self.upscale]
+        return crop_to(x, h * self.upscale, w * self.upscale)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; a mismatch that would fail raises one clear RuntimeError instead.
