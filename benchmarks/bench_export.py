@@ -14,18 +14,19 @@ steps, which took 266 s to export and ran 24x slower than eager before this benc
 The ``export`` backend (mambacsr_arch/ops/export_scan.py) runs each chunk's steps unrolled
 (CHUNK small ops on all chunks at once) and a Hillis-Steele scan over the chunk boundaries only:
 ~10 passes over the (L, batch, dim, N) states instead of 2 x 10 levels for the 1024-step form. Numbers
-of this machine (AMD EPYC, 2 cores, shared) are in the report printed by the run. CHUNK 32 won:
-CHUNK 16 ran 4.5x eager in onnxruntime, 32 1.23x (its export 58 s, within the 60 s target); the
-former form 24x.
+of this machine are in the report printed by the run. CHUNK 32 won (2-core AMD EPYC VM, load
+2.2-2.9): CHUNK 16 ran 4.5x eager in onnxruntime, 32 1.23x (its export 58 s, within the 60 s target);
+the former form 24x. On another 2-core AMD EPYC (AVX-512 + bf16, load 0.9, 2026-12-05) CHUNK 32
+exported in 46 s and ran 2.66x eager once the token orders were gathers: as copies into one buffer
+they were ScatterElements, a quarter of onnxruntime's time (2.7-3.6x eager there).
 """
 import argparse
 import os
 import subprocess
 import time
 
+import mambacsr_arch  # noqa: F401  (first: OMP_WAIT_POLICY=PASSIVE before torch loads, as the basicsr command)
 import torch
-
-import mambacsr_arch  # noqa: F401
 from basicsr.archs import build_network
 from mambacsr_arch.cli.export import export_onnx
 from mambacsr_arch.ops import export_scan, torch_scan, use_backend

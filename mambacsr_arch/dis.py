@@ -126,6 +126,13 @@ def _symbolic(*sizes) -> bool:
     return not all(isinstance(size, int) for size in sizes)
 
 
+def graph_mode(*sizes) -> bool:
+    """Whether token orders are built as gathers (no copies into views of a buffer): for a symbolic
+    size, and whenever a graph exporter traces (copies into views become ScatterElements in ONNX,
+    which took a quarter of a small MambaCSR's onnxruntime time)."""
+    return _symbolic(*sizes) or torch.compiler.is_exporting()
+
+
 def _window_coords(rows: torch.Tensor, cols: torch.Tensor, h, w, window: Optional[int]) -> torch.Tensor:
     """Sequence position (row-first window order, clipped windows) of map position (rows, cols) of an
     (h, w) map, with tensor ops only: ``h``, ``w`` may be symbolic sizes."""
@@ -163,7 +170,7 @@ def scan_tokens(grid: torch.Tensor, window: Optional[int], column_first: bool = 
     indices computed with tensor ops from the size (the same tokens; no Python branch on the size).
     """
     b, h, w = grid.shape[:3]
-    if _symbolic(h, w):
+    if graph_mode(h, w):
         if column_first:
             grid, h, w = grid.transpose(1, 2), w, h
         # contiguous first: flattening a strided view makes the exporter guard on the sizes (no copy in ONNX)
@@ -185,7 +192,7 @@ def merge_tokens(tokens: torch.Tensor, window: Optional[int], size: Sequence[int
     if tokens.shape[1] != h * w:
         raise ValueError(f'merge: sequence length {tokens.shape[1]} does not match size {(h, w)} '
                          f'(expected {h * w} tokens)')
-    if _symbolic(h, w):  # a graph exporter's dynamic size: one gather (see scan_tokens)
+    if graph_mode(h, w):  # a graph exporter's trace: one gather (see scan_tokens)
         th, tw = (w, h) if column_first else (h, w)
         rows = torch.arange(th, device=tokens.device)[:, None]
         cols = torch.arange(tw, device=tokens.device)[None, :]
@@ -215,6 +222,9 @@ def window_scan(x: torch.Tensor, window: Optional[int], column_first: bool = Fal
     if x.dim() != 4:
         raise ValueError(f'window_scan expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}')
     b, c, h, w = x.shape
+    if graph_mode(h, w):  # a graph exporter's trace: the gather's result, no copy into a buffer
+        seq = scan_tokens(x.permute(0, 2, 3, 1), window, column_first).transpose(1, 2)
+        return seq.flip(-1) if flip else seq
     seq = x.new_empty((b, c, h * w))
     scan_tokens(x.permute(0, 2, 3, 1), window, column_first, out=seq.transpose(1, 2))
     return seq.flip(-1) if flip else seq
@@ -235,6 +245,8 @@ def window_merge(seq: torch.Tensor, window: Optional[int], size: Sequence[int], 
         seq = seq.flip(-1)
     if channels_last:
         return merge_tokens(seq.transpose(1, 2), window, (h, w), column_first)
+    if graph_mode(h, w):  # a graph exporter's trace: the gather's result, no copy into a buffer
+        return merge_tokens(seq.transpose(1, 2), window, (h, w), column_first).permute(0, 3, 1, 2)
     out = seq.new_empty((b, c, h, w))
     merge_tokens(seq.transpose(1, 2), window, (h, w), column_first, out=out.permute(0, 2, 3, 1))
     return out
@@ -297,7 +309,7 @@ def cross_scale_tokens(grid: torch.Tensor, grid_down: torch.Tensor, window: int,
     if tuple(grid_down.shape[1:3]) != (h2, w2):
         raise ValueError(f'cross_scale_tokens: low-resolution map {tuple(grid_down.shape)} is not (B, {h2}, {w2}, '
                          f'...) for the high-resolution map {tuple(grid.shape)}')
-    if out is None and _symbolic(h2, w2):  # a graph exporter's dynamic size: gathers and one cat, no copies
+    if out is None and graph_mode(h2, w2):  # a graph exporter's trace: gathers and one cat, no copies
         low = scan_tokens(grid_down, k, column_first).unsqueeze(2)  # into views (their scatters bloat the graph)
         return torch.cat((low, scan_tokens(_blocks(_even(grid), column_first), k, column_first).flatten(2, 3)), dim=2)
     if out is None:
@@ -312,7 +324,7 @@ def cross_scale_merge_tokens(high: torch.Tensor, window: int, size: Sequence[int
     """Inverse of :func:`cross_scale_tokens` for the high-resolution part: (B, h*w, 4, *E) -> (B, H, W, *E)."""
     h, w = size[0], size[1]
     h2, w2, k = _cross_grid((h, w), window)
-    if _symbolic(h, w):  # a graph exporter's dynamic size (even there, as _even proves in the scan): one
+    if graph_mode(h, w) and h % 2 == 0 and w % 2 == 0:  # a graph exporter's trace (sizes even there): one
         # gather by (group, place in the 2 x 2 block) per map position (no scatter, no reshape to guard on)
         rows = torch.arange(2 * h2, device=high.device)[:, None]
         cols = torch.arange(2 * w2, device=high.device)[None, :]

@@ -83,6 +83,9 @@ def _scan(plan: DirectionGroups, x: torch.Tensor, x_down: Optional[torch.Tensor]
     b, d = x.shape[:2]
     if plan.cross_scale:
         dis.check_cross_inputs(x, x_down, plan.directions[0].window)
+    if dis.graph_mode(*x.shape[2:]):  # a graph exporter's trace: gathers and one stack (no copies into a buffer)
+        return torch.stack([dis.cross_scale_scan(x, x_down, p.window, p.column_first, p.flip) if plan.cross_scale
+                            else dis.window_scan(x, p.window, p.column_first, p.flip) for p in plan.directions], 1)
     n = plan.length(x.shape[2:])
     xs = x.new_empty((b, len(plan.directions), d, n))
     for group in plan.groups:

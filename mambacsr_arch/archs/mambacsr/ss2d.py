@@ -300,7 +300,9 @@ class SS2D(nn.Module):
             delta_weight=self.dt_projs_weight.reshape(k * d, r).float(),
         ).reshape(b, k, d, length)
         # without autograd, xs is dead after the scan: reuse its memory (fresh large buffers page-fault)
-        scratch = xs if not torch.is_grad_enabled() and xs.shape == ys.shape and xs.dtype == ys.dtype else None
+        # (not in a graph exporter's trace: writes into a view of a buffer become ScatterElements in ONNX)
+        reuse = not (torch.is_grad_enabled() or torch.compiler.is_exporting())
+        scratch = xs if reuse and xs.shape == ys.shape and xs.dtype == ys.dtype else None
         gates = self._direction_gates(ys, self._map_token_mask((h, w), x_down, ys.device), h * w, scratch)
         return ys, gates, scratch
 
