@@ -107,7 +107,7 @@ def test_dynamic_export_runs_at_any_size(tmp_path, capsys, monkeypatch, opt):
     import onnxruntime
 
     if opt is MAMBA:  # the cross-scale graph is checked here, the scan's chunk size by the others: short chunks
-        from mambacsr_arch.ops import export_scan  # halve this export's time (112 s vs 245 s on 2 cores)
+        from mambacsr_arch.ops import export_scan  # about halve this export's time (112 s vs 245 s, 2 cores)
 
         monkeypatch.setattr(export_scan, 'CHUNK', 4)
     net, weights = _checkpoint(tmp_path, opt)
