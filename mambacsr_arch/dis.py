@@ -166,8 +166,9 @@ def scan_tokens(grid: torch.Tensor, window: Optional[int], column_first: bool = 
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Channels-last window scan, unflipped: (B, H, W, *E) -> (B, H*W, *E) (into ``out`` if given).
 
-    For a symbolic H or W (a graph exporter tracing a dynamic size) the order is one gather of
-    indices computed with tensor ops from the size (the same tokens; no Python branch on the size).
+    In a graph exporter's trace (:func:`graph_mode`: a symbolic H or W, or any torch.export) the order
+    is one gather of indices computed with tensor ops from the size (the same tokens; no Python branch
+    on the size, no copies into views of ``out``'s buffer).
     """
     b, h, w = grid.shape[:3]
     if graph_mode(h, w):

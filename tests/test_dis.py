@@ -193,3 +193,28 @@ def test_errors_are_actionable():
         dis.cross_scale_scan(torch.zeros(1, 1, 17, 8), torch.zeros(1, 1, 8, 4), 16)
     with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
         dis.window_scan(torch.zeros(4, 4), 2)
+
+
+@pytest.mark.parametrize('cross_scale', [False, True], ids=['window', 'cross-scale'])
+def test_graph_mode_orders_equal_the_eager_ones(monkeypatch, cross_scale):
+    """While a graph exporter traces, token orders are gathers (no copies into a buffer): the same tokens."""
+    from mambacsr_arch.archs.mambacsr import fused
+
+    names = ['w8', 'w8_flip', 'c_w8', 'c_w8_flip'] if cross_scale else ['w4', 'w4_flip', 'c_w4_flip', 'h', 'v_flip']
+    plan = fused.DirectionGroups.of([parse_direction(n) for n in names], cross_scale)
+    cases = []
+    for h, w in [(8, 8), (6, 10), (16, 12)] + ([] if cross_scale else [(5, 7), (1, 9), (13, 4)]):
+        x = torch.randn(2, 3, h, w)
+        x_down = torch.randn(2, 3, (h + 1) // 2, (w + 1) // 2) if cross_scale else None
+        cases.append((x, x_down, fused._scan(plan, x, x_down)))
+    monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)
+    assert dis.graph_mode(8, 8)
+    for x, x_down, eager in cases:
+        size = tuple(x.shape[2:])
+        assert torch.equal(fused._scan(plan, x, x_down), eager), size
+        for k, d in enumerate(plan.directions):
+            if cross_scale:
+                back = dis.cross_scale_merge(eager[:, k], d.window, size, d.column_first, d.flip)
+            else:
+                back = dis.window_merge(eager[:, k], d.window, size, d.column_first, d.flip)
+            assert torch.equal(back, x), (size, d)

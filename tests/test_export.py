@@ -39,7 +39,7 @@ def test_onnx_export_matches_pytorch_at_a_non_square_size(tmp_path, capsys, monk
     assert main(['export', '--weights', str(weights), '-o', str(out), '--size', '8', '14']) == 0
     printed = capsys.readouterr().out
     assert f"detected {opt['type']} x{opt['upscale']}" in printed and 'max abs difference' in printed
-    assert float(printed.split('max abs difference ')[1].split()[0]) <= 1e-3
+    assert float(printed.split('max abs difference ')[1].split()[0]) <= 1e-5  # float32 noise, not a wrong order
     # independently of the command's own check: another input, our run vs onnxruntime
     session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
     x = torch.rand(1, 3, 8, 14, generator=torch.Generator().manual_seed(7))
@@ -47,7 +47,7 @@ def test_onnx_export_matches_pytorch_at_a_non_square_size(tmp_path, capsys, monk
         expected = net(x).numpy()
     got = session.run(None, {'lq': x.numpy()})[0]
     assert got.shape == (1, 3, 8 * opt['upscale'], 14 * opt['upscale'])
-    assert np.abs(got - expected).max() <= 1e-3
+    assert np.abs(got - expected).max() <= 1e-5
     if opt['type'] == 'MambaCSR':  # the scan is plain ONNX operators, no custom domain
         import onnx
 
