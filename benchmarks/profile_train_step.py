@@ -42,7 +42,9 @@ from bench_models import MODELS, TrainStep, build  # noqa: E402
 
 from mambacsr_arch.ops import cpu_scan  # noqa: E402
 
-PRODUCTS = {'bmm', 'mm', 'addmm', 'baddbmm', 'matmul', 'convolution', 'convolution_backward', 'mkldnn_convolution',
+# (composite names too: under inference_mode linear, conv2d and matmul reach the dispatcher undecomposed)
+PRODUCTS = {'bmm', 'mm', 'addmm', 'baddbmm', 'matmul', 'linear', 'conv2d', 'convolution', 'convolution_backward',
+            'mkldnn_convolution', 'scaled_dot_product_attention',
             '_scaled_dot_product_flash_attention_for_cpu', '_scaled_dot_product_flash_attention_for_cpu_backward'}
 
 
