@@ -121,8 +121,9 @@ def _window_pieces(grid: torch.Tensor, tokens: torch.Tensor, window: Optional[in
             yield grid[:, qh * wh:, qw * ww:], band[:, qw * rh * ww:].unflatten(1, (rh, rw))
 
 
-def _symbolic(*sizes) -> bool:
-    """Whether any of ``sizes`` is a symbolic size (a graph exporter tracing a dynamic height or width)."""
+def is_symbolic(*sizes) -> bool:
+    """Whether any of ``sizes`` is a symbolic size (a graph exporter tracing a dynamic height or width):
+    the one test of it, for the token orders here and the padding, crops and masks of the networks."""
     return not all(isinstance(size, int) for size in sizes)
 
 
@@ -130,7 +131,7 @@ def graph_mode(*sizes) -> bool:
     """Whether token orders are built as gathers (no copies into views of a buffer): for a symbolic
     size, and whenever a graph exporter traces (copies into views become ScatterElements in ONNX,
     which took a quarter of a small MambaCSR's onnxruntime time)."""
-    return _symbolic(*sizes) or torch.compiler.is_exporting()
+    return is_symbolic(*sizes) or torch.compiler.is_exporting()
 
 
 def _window_coords(rows: torch.Tensor, cols: torch.Tensor, h, w, window: Optional[int]) -> torch.Tensor:

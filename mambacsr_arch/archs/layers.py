@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from basicsr.archs.arch_util import trunc_normal_
 from torch import nn
 
+from ..dis import is_symbolic
+
 
 class ChannelAttention(nn.Module):
     """Squeeze-and-excitation gate (RCAN). (B, C, H, W) -> (B, C, H, W).
@@ -98,7 +100,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'reflect') -> Tu
     # written as (multiple of ``multiple``) - size: a symbolic padded size is then visibly a multiple
     pad_h = (h + multiple - 1) // multiple * multiple - h
     pad_w = (w + multiple - 1) // multiple * multiple - w
-    if not (isinstance(h, int) and isinstance(w, int)):  # symbolic size (dynamic ONNX export): no branch on it
+    if is_symbolic(h, w):  # symbolic size (dynamic ONNX export): no branch on it
         return _gather_pad(_gather_pad(x, 2, h + pad_h, mode), 3, w + pad_w, mode), (h, w)
     if pad_h == 0 and pad_w == 0:
         return x, (h, w)
@@ -110,7 +112,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'reflect') -> Tu
 def crop_to(x: torch.Tensor, h, w) -> torch.Tensor:
     """The top-left (h, w) of a (..., H, W) tensor (the inverse of :func:`pad_to_multiple` on an output);
     for a symbolic size, gathers (a slice makes a graph exporter guard on the end vs the size)."""
-    if isinstance(h, int) and isinstance(w, int):
+    if not is_symbolic(h, w):
         return x[..., :h, :w]
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     return x.index_select(-2, rows).index_select(-1, cols)

@@ -27,6 +27,7 @@ from basicsr.archs.swinir_arch import UpsampleOneStep, window_partition
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from ...dis import is_symbolic
 from ...registry import registers
 from .blocks import RHAG
 from ..layers import PatchEmbed, PatchUnEmbed, crop_to, init_linear_and_norm, make_resi_conv, pad_to_multiple
@@ -231,7 +232,7 @@ class HAT(nn.Module):
 
     def attention_mask(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Shifted-window mask for an (h, w) feature map, cached (LRU, a few sizes)."""
-        if not (isinstance(h, int) and isinstance(w, int)):  # symbolic size (dynamic export): built in the graph
+        if is_symbolic(h, w):  # symbolic size (dynamic export): built in the graph
             return shifted_window_mask(h, w, self.window_size, self.shift_size, device).to(dtype=dtype)
         key = (h, w, str(device), dtype)
         mask = self._mask_cache.get(key)
@@ -260,7 +261,7 @@ class HAT(nn.Module):
     def _pos_embed(self, x_size: Tuple[int, int]) -> torch.Tensor:
         """Absolute position embedding (1, H*W, C), bicubically resized when (H, W) is not img_size."""
         ph, pw = self.patches_resolution
-        symbolic = not all(isinstance(size, int) for size in x_size)  # dynamic export: no branch on the size
+        symbolic = is_symbolic(*x_size)  # dynamic export: no branch on the size
         if not symbolic and tuple(x_size) == (ph, pw):
             return self.absolute_pos_embed
         grid = self.absolute_pos_embed.transpose(1, 2).reshape(1, self.embed_dim, ph, pw)

@@ -51,6 +51,7 @@ from basicsr.archs.arch_util import Upsample
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from ...dis import is_symbolic
 from ...registry import registers
 from .blocks import CrossScaleBlock, ResidualDISGroup
 from ..layers import PatchEmbed, PatchUnEmbed, crop_to, init_linear_and_norm, make_resi_conv, pad_to_multiple
@@ -208,7 +209,7 @@ class MambaCSR(nn.Module):
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
         deep = self.conv_after_body(self.forward_features(x))
-        if not isinstance(h, int):  # a graph exporter's symbolic size: one memory format for the sum (the
+        if is_symbolic(h):  # a graph exporter's symbolic size: one memory format for the sum (the
             deep = deep.contiguous()  # stride checks of a channels-last + contiguous sum are not provable)
         x = deep + x
         x = self.conv_before_upsample(x)
