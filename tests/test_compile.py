@@ -137,9 +137,10 @@ def test_compiled_training_step_matches_eager_inductor() -> None:
 @needs_numba
 @pytest.mark.parametrize('full, low_rank', [(True, False), (False, False), (True, True)],
                          ids=['D_z_bias', 'bare', 'low_rank_delta'])
-def test_custom_ops_pass_opcheck(full: bool, low_rank: bool) -> None:
+def test_custom_ops_pass_opcheck(full: bool, low_rank: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Schema, fake shapes, autograd registration and AOT dispatch of both custom ops (with a dense delta
-    and with a low-rank delta projected in the kernel)."""
+    and with a low-rank delta projected in the kernel), with several state checkpoints (chunks of 32 steps)."""
+    monkeypatch.setattr(cpu_scan, 'CHUNK', 32)
     g = torch.Generator().manual_seed(0)
     batch, dim, groups, length, padded, rank = 2, 4, 2, 70, cpu_scan._kernels().W, 3
 
@@ -157,7 +158,7 @@ def test_custom_ops_pass_opcheck(full: bool, low_rank: bool) -> None:
                 (0.3 * torch.randn(dim, rank, generator=g)).requires_grad_() if low_rank else None)
     torch.library.opcheck(cpu_scan._scan_fwd, fwd_args)
     out, last, ckpt = cpu_scan._scan_fwd(*fwd_args)
-    assert ckpt.shape == (batch * dim, 2, padded)
+    assert ckpt.shape == (batch * dim, 3, padded)
     bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args) + \
         (ckpt.detach(), torch.randn_like(out), torch.randn_like(last))
     torch.library.opcheck(cpu_scan._scan_bwd, bwd_args)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import mambacsr_arch  # noqa: F401  (shims before anything else)
-from mambacsr_arch.ops import available_backends, selective_scan, torch_scan
+from mambacsr_arch.ops import available_backends, cpu_scan, selective_scan, torch_scan
 
 # 'torch:parallel' is the torch backend with the strategy used off-CPU (Hillis-Steele within chunks)
 BACKENDS = [name for name in ('cpu', 'torch', 'export', 'reference') if available_backends()[name] is None]
@@ -252,6 +252,10 @@ LOW_RANK_CASES: List[tuple] = [
 def test_low_rank_delta_matches_the_projected_reference(backend: str, case: tuple) -> None:
     """``delta_weight``: delta is (batch, groups, R, L), projected per group (inside the cpu kernel, by the
     dispatcher for the others); outputs and every gradient, the weight's included, against float64."""
+    compare_low_rank(backend, case)
+
+
+def compare_low_rank(backend: str, case: tuple) -> None:
     batch, dim, n, length, groups, rank, D, z, bias, softplus, last = case
     inputs = make_inputs(batch, dim, n, length, groups, D, z, bias, seed=sum(case))
     g = torch.Generator().manual_seed(7)
@@ -296,3 +300,34 @@ def test_low_rank_delta_rejects_bad_shapes() -> None:
         selective_scan(u, torch.randn(1, 2, 3, 10), A, B, C, delta_weight=torch.randn(5, 3))
     with pytest.raises(ValueError, match=r'delta must be \(batch, groups, R, L\)'):
         selective_scan(u, torch.randn(1, 1, 3, 10), A, B, C, delta_weight=torch.randn(6, 3))
+
+
+@pytest.mark.skipif('cpu' not in BACKENDS, reason='numba missing')
+@pytest.mark.parametrize('chunk', [1, 16])
+def test_cpu_state_checkpoints_across_many_chunks(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cpu kernels checkpoint the state every ``CHUNK`` steps and the backward recomputes one chunk at a
+    time from them; the default chunk (512 steps) is longer than most test sequences, so here it is made
+    small: many chunks, a partial last one, a sequence shorter than one chunk (L 5 at chunk 16)."""
+    monkeypatch.setattr(cpu_scan, 'CHUNK', chunk)
+    assert cpu_scan._chunks(70) == -(-70 // chunk)
+    for length in (5, 70):
+        compare('cpu', make_inputs(2, 12, 16, length, 2, True, True, True, seed=length), softplus=True, last=True)
+    for case in LOW_RANK_CASES[:2]:  # the projection inside the kernel, per chunk
+        compare_low_rank('cpu', case)
+
+
+@pytest.mark.skipif('cpu' not in BACKENDS, reason='numba missing')
+def test_cpu_scan_threads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MAMBACSR_SCAN_THREADS`` sets the scan's threads (results identical); a bad value is one clear error."""
+    inputs = make_inputs(1, 16, 16, 40, 2, True, False, True, seed=4)
+    monkeypatch.delenv(cpu_scan.THREADS_ENV, raising=False)
+    assert cpu_scan.scan_threads() == torch.get_num_threads()
+    base = selective_scan(**inputs, delta_softplus=True, backend='cpu')
+    for value in ('1', ' 3 '):
+        monkeypatch.setenv(cpu_scan.THREADS_ENV, value)
+        assert cpu_scan.scan_threads() == int(value)
+        assert torch.equal(selective_scan(**inputs, delta_softplus=True, backend='cpu'), base)
+    for bad in ('0', '-2', 'two', '1.5'):
+        monkeypatch.setenv(cpu_scan.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match='MAMBACSR_SCAN_THREADS.*positive integer'):
+            selective_scan(**inputs, delta_softplus=True, backend='cpu')

@@ -26,9 +26,10 @@ Backends
 ``mamba_ssm``  the CUDA kernel of the ``mamba_ssm`` package (the ``[cuda]`` extra: ``pip install mamba-ssm``),
                imported lazily, never at package import.
 ``cpu``        fused, exact numba kernel for CPU tensors, forward and backward; state checkpoints
-               every 64 steps keep backward memory O(batch * dim * L). Runs on
-               ``torch.get_num_threads()`` threads with bitwise identical results for any thread
-               count. First use compiles it (a few seconds), cached on disk by numba afterwards.
+               every 512 steps keep backward memory O(batch * dim * L). Runs on
+               ``torch.get_num_threads()`` threads (``MAMBACSR_SCAN_THREADS`` overrides) with
+               bitwise identical results for any thread count. First use compiles it (a few
+               seconds), cached on disk by numba afterwards.
 ``torch``      portable chunked PyTorch (any device), stable, bounded memory via checkpointing
                (a step loop on CPU, a Hillis-Steele scan within chunks elsewhere).
 ``reference``  the plain sequential loop; for tests only.
