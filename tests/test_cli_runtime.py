@@ -160,6 +160,22 @@ def test_env_reports_an_unusable_backend_request_instead_of_crashing():
     assert 'mamba_ssm' in proc.stdout
 
 
+def test_env_shows_the_cpu_scan_threads_and_where_they_come_from():
+    from mambacsr_arch.cli import env
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv('MAMBACSR_SCAN_THREADS', raising=False)
+        threads, why = env.collect()['scan_threads_cpu']
+        assert threads == torch.get_num_threads() and 'torch.get_num_threads()' in why
+        mp.setenv('MAMBACSR_SCAN_THREADS', '3')
+        report = env.collect()
+        assert report['scan_threads_cpu'] == (3, 'MAMBACSR_SCAN_THREADS environment variable')
+        assert 'cpu scan threads:                3 (MAMBACSR_SCAN_THREADS' in env.format_report(report)
+        mp.setenv('MAMBACSR_SCAN_THREADS', 'many')  # reported, not raised
+        threads, why = env.collect()['scan_threads_cpu']
+        assert threads == 'error' and "MAMBACSR_SCAN_THREADS='many'" in why
+
+
 def test_unknown_command_fails_with_usage(capsys):
     from mambacsr_arch.cli.main import main
 

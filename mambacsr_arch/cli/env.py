@@ -4,7 +4,7 @@ Prints versions (python, torch, torchvision, basicsr, numba, triton, opencv, thi
 the GPU list, the selective-scan backends with the result of each GPU backend's check scan (forward
 and gradients against the float64 reference, run here on the GPU; "not checked" without one) and the
 reason a backend is skipped, the backend chosen for CPU and CUDA tensors and why (for CUDA tensors
-also without a GPU: what a GPU run here would use), the optional
+also without a GPU: what a GPU run here would use), the cpu scan's thread count and its source, the optional
 packages that are missing with the command that installs them, and the loaded plugins.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import platform
 import sys
 from typing import Dict, List, Tuple
@@ -61,6 +62,19 @@ def _resolve(device_type: str) -> Tuple[str, str]:
         return 'error', str(err)
 
 
+def _scan_threads() -> Tuple[object, str]:
+    """(threads, where the number comes from) of the cpu scan's kernels; a bad setting is reported."""
+    from mambacsr_arch.ops import cpu_scan
+
+    try:
+        threads = cpu_scan.scan_threads()
+    except ValueError as err:
+        return 'error', str(err)
+    if os.environ.get(cpu_scan.THREADS_ENV, '').strip():
+        return threads, f'{cpu_scan.THREADS_ENV} environment variable'
+    return threads, f'torch.get_num_threads(); {cpu_scan.THREADS_ENV}=N sets it'
+
+
 def collect() -> Dict[str, object]:
     """Gather the report as a dict (used by tests and by ``run``)."""
     import torch
@@ -81,6 +95,7 @@ def collect() -> Dict[str, object]:
         'scan_backends_cuda': ops.available_backends('cuda'),  # runs the GPU backends' check scans
         'scan_backend_cpu': _resolve('cpu'),
         'scan_backend_cuda': _resolve('cuda'),
+        'scan_threads_cpu': _scan_threads(),
         'plugins': plugins,
     }
     missing = {}
@@ -112,6 +127,8 @@ def format_report(report: Dict[str, object]) -> str:
         lines.append(f'  {name:<10} {status}')
     name, why = report['scan_backend_cpu']  # type: ignore[misc]
     lines.append(f'active backend for CPU tensors:  {name} ({why})')
+    threads, why = report['scan_threads_cpu']  # type: ignore[misc]
+    lines.append(f'cpu scan threads:                {threads} ({why})')
     name, why = report['scan_backend_cuda']  # type: ignore[misc]
     label = 'active backend for CUDA tensors:' if report['gpus'] else 'CUDA tensors would use:        '
     lines.append(f'{label} {name} ({why})')
