@@ -347,6 +347,7 @@ def scan_backward(lo, hi, u, delta, delta_in, delta_w, lowrank, A, Bt, Ct, D, z,
     n_state = A.shape[1]
     nblk = n_state // W
     per_group = dim // groups
+    row_blocks = (per_group + R - 1) // R
     n_chunks = ckpt.shape[1]
     hs = np.empty((chunk + 1, nblk, R, W), dtype=np.float32)  # hs[j] = states before step t0 + j
     es = np.empty((chunk, nblk, R, W), dtype=np.float32)  # decays exp(dt A) of the chunk
@@ -370,8 +371,10 @@ def scan_backward(lo, hi, u, delta, delta_in, delta_w, lowrank, A, Bt, Ct, D, z,
         b = bg // groups
         g = bg % groups
         dt_in = delta_in[bg] if lowrank else delta_in[0]
-        c0 = g * per_group + (part * per_group) // blocks_per_group
-        c1 = g * per_group + ((part + 1) * per_group) // blocks_per_group
+        # a task's channels are whole R-row blocks (only a group's last block may be short): a task of 45
+        # channels would leave 3 of its last block's 8 rows idle
+        c0 = g * per_group + min(per_group, R * ((part * row_blocks) // blocks_per_group))
+        c1 = g * per_group + min(per_group, R * (((part + 1) * row_blocks) // blocks_per_group))
         dB_part[task] = _ZERO
         dC_part[task] = _ZERO
         for first in range(c0, c1, R):

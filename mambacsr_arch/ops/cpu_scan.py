@@ -219,7 +219,7 @@ def _backward_kernels(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt:
     batch = rows // dim
     groups = Bt.shape[0] // batch
     has_z = z is not None
-    blocks = max(1, min(dim // groups, math.ceil(BACKWARD_TASKS / (batch * groups))))
+    blocks = max(1, min(math.ceil(dim // groups / kernels.R), math.ceil(BACKWARD_TASKS / (batch * groups))))
     du = u.new_empty((rows, length))
     ddelta = u.new_empty((rows, length))
     dz = u.new_empty((rows, length)) if has_z else u.new_zeros((1, 1))
