@@ -220,7 +220,8 @@ class TrainStep:
 
 def bench_training(nets: Dict[str, nn.Module], size: int, batch: int, repeats: int,
                    device: torch.device) -> Dict[str, Tuple[float, float]]:
-    """Median (wall, CPU) seconds per training step for each model; models interleaved in every repeat."""
+    """Median (wall, CPU) seconds per training step for each model, then its fastest and slowest wall
+    time; models interleaved in every repeat."""
     steps = {name: TrainStep(net, size, batch, device) for name, net in nets.items()}
     for step in steps.values():
         step()  # warm-up: backward kernels compile, the optimizer state is allocated
@@ -230,9 +231,10 @@ def bench_training(nets: Dict[str, nn.Module], size: int, batch: int, repeats: i
             times[name].append(step())
     result = {}
     for name, measured in times.items():
-        result[name] = (statistics.median(t[0] for t in measured), statistics.median(t[1] for t in measured))
+        walls = [t[0] for t in measured]
+        result[name] = (statistics.median(walls), statistics.median(t[1] for t in measured), min(walls), max(walls))
         print(f'  measured {name:<13} {device.type} {size}x{size} training step (batch {batch}): '
-              f'{result[name][0]:.2f} s', file=sys.stderr)
+              f'{result[name][0]:.2f} s ({min(walls):.2f}-{max(walls):.2f})', file=sys.stderr)
     del steps
     gc.collect()
     return result
@@ -339,6 +341,23 @@ def format_ratios(rows: List[dict]) -> str:
     return '\n'.join(lines)
 
 
+def format_train_spread(rows: List[dict]) -> str:
+    """The training-step ratio from each model's fastest and from its slowest step: a CPU step's time
+    varies with the allocator's state (HAT's 56 MiB attention maps are page-faulted afresh in some
+    steps), so the median ratio alone can hide which model the spread comes from."""
+    lines = []
+    for r in rows:
+        base = next((b for b in rows if b['model'] == BASELINE and b['device'] == r['device']
+                     and b['size'] == r['size']), None)
+        if r['model'] == BASELINE or base is None or r['train'] is None or base['train'] is None:
+            continue
+        fast, slow = (f"{r['train'][i] / base['train'][i]:.2f} ({r['train'][i]:.2f} s / {base['train'][i]:.2f} s)"
+                      for i in (2, 3))
+        lines.append(f"{r['model']} / {BASELINE} training step, {r['device']} {r['size']}x{r['size']}: "
+                     f"fastest steps {fast}, slowest {slow}")
+    return '\n'.join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--sizes', type=int, nargs='+', help='LR sizes in px (default 64 128; --quick: 32)')
@@ -387,6 +406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_rows(rows))
     print()
     print(format_ratios(rows))
+    spread = format_train_spread(rows)
+    if spread:
+        print(spread)
     print(f'load average at the end {os.getloadavg()[0]:.1f}')
     return 0
 
