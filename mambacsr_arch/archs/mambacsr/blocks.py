@@ -90,8 +90,9 @@ class DISBlock(nn.Module):
         # a channels-last view: the convolutions run in that memory format, no transposing copies
         conv_x = self.conv_block(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if torch.is_grad_enabled() or self.training:
-            x = x * self.skip_scale + self.drop_path(self.self_attention(h)) + conv_x * 0.01
-            return x * self.skip_scale2 + self.drop_path(self.mlp(self.ln_2(x)))
+            # fused products and sums: fewer passes over (B, H, W, C) in forward and backward
+            x = torch.addcmul(self.drop_path(self.self_attention(h)), x, self.skip_scale).add_(conv_x, alpha=0.01)
+            return torch.addcmul(self.drop_path(self.mlp(self.ln_2(x))), x, self.skip_scale2)
         # inference (drop_path is the identity): accumulate into the fresh branch outputs in place
         x = self.self_attention(h).addcmul_(x, self.skip_scale).add_(conv_x, alpha=0.01)
         return self.mlp(self.ln_2(x)).addcmul_(x, self.skip_scale2)
@@ -122,8 +123,8 @@ class CrossScaleBlock(SS2D):
 
     def forward_nhwc(self, x: torch.Tensor, x_down: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C), (B, h, w, C) -> (B, H, W, C)."""
-        out = x * self.skip_scale + self.mix(self.ln_1(x), x_down)
-        return out * self.skip_scale2 + self.mlp(self.ln_2(out))
+        out = torch.addcmul(self.mix(self.ln_1(x), x_down), x, self.skip_scale)
+        return torch.addcmul(self.mlp(self.ln_2(out)), out, self.skip_scale2)
 
     def forward(self, x: torch.Tensor, x_down: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """(B, C, H, W), (B, C, h, w) -> (B, C, H, W)."""
