@@ -219,7 +219,7 @@ class TrainStep:
 
 
 def bench_training(nets: Dict[str, nn.Module], size: int, batch: int, repeats: int,
-                   device: torch.device) -> Dict[str, Tuple[float, float]]:
+                   device: torch.device) -> Dict[str, Tuple[float, float, float, float]]:
     """Median (wall, CPU) seconds per training step for each model, then its fastest and slowest wall
     time; models interleaved in every repeat."""
     steps = {name: TrainStep(net, size, batch, device) for name, net in nets.items()}
