@@ -54,6 +54,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"basicsr: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
+        if command not in PASSTHROUGH and command != 'env':  # train/test check in run_pipeline; env reports it
+            from mambacsr_arch.ops import check_environment
+
+            check_environment()  # MAMBACSR_SCAN_BACKEND / _THREADS: one line now, not a traceback mid-run
         module = importlib.import_module(f'mambacsr_arch.cli.{SUBCOMMANDS[command][0]}')
         if command in PASSTHROUGH:
             return int(module.main(rest) or 0)

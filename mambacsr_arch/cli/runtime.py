@@ -365,8 +365,14 @@ def run_pipeline(command: str, argv: Optional[List[str]] = None) -> int:
     """
     import importlib
 
-    from mambacsr_arch.errors import EXIT_CONFIG
+    from mambacsr_arch.errors import EXIT_CONFIG, ConfigError
+    from mambacsr_arch.ops import check_environment
 
+    try:
+        check_environment()  # MAMBACSR_SCAN_BACKEND / _THREADS, before anything is built
+    except ConfigError as err:
+        print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     load_plugins()
     patch_basicsr()

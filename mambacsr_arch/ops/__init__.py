@@ -53,8 +53,8 @@ the ``cpu`` backend's kernels are the custom operators ``torch.ops.mambacsr.cpu_
 ``cpu_scan_bwd`` with fake shapes and an autograd formula, so the scan causes no graph break, in
 inference or training (``tests/test_compile.py``).
 """
-from .dispatch import (BACKENDS, ENV_VAR, available_backends, project_delta, resolve_backend, selective_scan,
-                       use_backend)
+from .dispatch import (BACKENDS, ENV_VAR, available_backends, check_environment, project_delta, resolve_backend,
+                       selective_scan, use_backend)
 
 __all__ = ['selective_scan', 'project_delta', 'available_backends', 'resolve_backend', 'use_backend', 'BACKENDS',
-           'ENV_VAR']
+           'ENV_VAR', 'check_environment']

@@ -195,6 +195,25 @@ def use_backend(name: Optional[str]):
         _SCOPED.pop()
 
 
+def check_environment() -> None:
+    """The scan's environment variables, checked by every command before it builds anything: ``MAMBACSR_SCAN_BACKEND``
+    must name a backend, ``MAMBACSR_SCAN_THREADS`` must be a positive integer. Raises
+    :class:`~mambacsr_arch.errors.ConfigError` (one line, exit status 2) naming the variable and the fix;
+    without this check the mistake would surface at the first scan, deep inside a training run."""
+    from ..errors import ConfigError
+    from . import cpu_scan
+
+    if os.environ.get(ENV_VAR):
+        name = os.environ[ENV_VAR].strip()
+        if name not in _ROWS:
+            raise ConfigError(f"{ENV_VAR}={name!r} is not a selective-scan backend; choose one of "
+                              f"{', '.join(BACKENDS)}, or unset it for the automatic choice")
+    try:
+        cpu_scan.scan_threads()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def resolve_backend(device: Union[torch.device, str, None],
                     backend: Optional[str] = None) -> Tuple[str, str]:
     """Apply the selection rule for tensors on ``device``; return (backend name, human reason).
