@@ -33,7 +33,14 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.attention(x)
+        # attention[0] (AdaptiveAvgPool2d(1)) as a mean in x's own memory layout: for a channels-last x its
+        # gradient is then channels-last too, as the product's is; autograd added an NCHW one to it at
+        # several times the cost of a same-layout add (2.2 ms vs <0.5 ms at 180 x 64 x 64)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            pooled = x.permute(0, 2, 3, 1).mean((1, 2))[:, :, None, None]
+        else:
+            pooled = x.mean((2, 3), keepdim=True)
+        return x * self.attention[1:](pooled)
 
 
 class CAB(nn.Module):
