@@ -117,6 +117,16 @@ def _scan(plan: DirectionGroups, x: torch.Tensor, x_down: Optional[torch.Tensor]
     return xs
 
 
+def _tokens_last(seq: torch.Tensor) -> torch.Tensor:
+    """(B, D, L) -> contiguous (B, L, D), one 2-D transposing copy per batch element: torch copies a 2-D
+    transpose in cache blocks (1.6 ms for 360 x 4096 floats with cold caches), a 3-D one element by element
+    with strided reads (4.2 ms), and the reorder to the map then moves whole contiguous channel vectors."""
+    out = seq.new_empty((seq.shape[0], seq.shape[2], seq.shape[1]))
+    for i in range(seq.shape[0]):
+        out[i].copy_(seq[i].t())
+    return out
+
+
 def _unscan(plan: DirectionGroups, grad: torch.Tensor, size: Tuple[int, int],
             down_size: Optional[Tuple[int, int]]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Backward of :func:`_scan`: (B, K, D, L) -> gradients of x (B, D, H, W) [and x_down], both
@@ -150,9 +160,9 @@ def _unscan(plan: DirectionGroups, grad: torch.Tensor, size: Tuple[int, int],
             grad_x.add_(dis.cross_scale_merge_tokens(total[..., 1:].permute(0, 2, 3, 1), p.window, size,
                                                      p.column_first))
         elif grad_x is None:
-            grad_x = dis.merge_tokens(total.transpose(1, 2), p.window, size, p.column_first)
+            grad_x = dis.merge_tokens(_tokens_last(total), p.window, size, p.column_first)
         else:
-            grad_x.add_(dis.merge_tokens(total.transpose(1, 2), p.window, size, p.column_first))
+            grad_x.add_(dis.merge_tokens(_tokens_last(total), p.window, size, p.column_first))
     return grad_x.permute(0, 3, 1, 2), None if grad_down is None else grad_down.permute(0, 3, 1, 2)
 
 
