@@ -1,5 +1,5 @@
-"""Bad scan settings in the environment: one line and exit status 2 from every command, before anything is
-built or written (MAMBACSR_SCAN_BACKEND, MAMBACSR_SCAN_THREADS)."""
+"""Bad scan settings in the environment: one line and exit status 2 from every command that runs a network,
+before anything is built or written (MAMBACSR_SCAN_BACKEND, MAMBACSR_SCAN_THREADS)."""
 from __future__ import annotations
 
 import pytest
@@ -49,3 +49,16 @@ def test_train_and_test_stop_before_building(var: str, value: str, said: str, tm
         rc = runtime.run_pipeline(command, ['-opt', str(tmp_path / 'missing.yml')])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and '\n' not in err and err.startswith(f'basicsr {command}: error: ') and said in err
+
+
+def test_commands_without_a_network_ignore_them(tmp_path, monkeypatch, capsys) -> None:
+    """eval never scans: a bad scan setting does not stop it (its own errors still do)."""
+    monkeypatch.setenv('MAMBACSR_SCAN_THREADS', 'two')
+    rc = main(['eval', '--restored', str(tmp_path / 'none'), '--gt', str(tmp_path / 'none')])
+    assert rc == 2 and 'MAMBACSR_SCAN_THREADS' not in capsys.readouterr().err
+
+
+def test_export_stops_too(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv('MAMBACSR_SCAN_BACKEND', 'bogus')
+    rc = main(['export', '--weights', str(tmp_path / 'w.pth'), '-o', str(tmp_path / 'm.onnx')])
+    assert rc == 2 and "MAMBACSR_SCAN_BACKEND='bogus'" in capsys.readouterr().err

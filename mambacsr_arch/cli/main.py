@@ -35,6 +35,7 @@ SUBCOMMANDS: Dict[str, tuple] = {
     'env': ('env', 'versions, devices, the active selective-scan backend, missing extras'),
 }
 PASSTHROUGH = {'train', 'test'}
+SCANS = {'infer', 'export'}  # commands besides train/test that run a network (eval, prepare-csr, env do not)
 
 
 def _usage() -> str:
@@ -54,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"basicsr: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        if command not in PASSTHROUGH and command != 'env':  # train/test check in run_pipeline; env reports it
+        if command in SCANS:  # train/test check in run_pipeline; env reports a bad setting
             from mambacsr_arch.ops import check_environment
 
             check_environment()  # MAMBACSR_SCAN_BACKEND / _THREADS: one line now, not a traceback mid-run
