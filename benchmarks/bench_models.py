@@ -317,6 +317,12 @@ def format_rows(rows: List[dict]) -> str:
     return '\n'.join(lines)
 
 
+def _baseline(rows: List[dict], row: dict) -> Optional[dict]:
+    """The BASELINE model's row for the same device and size as ``row`` (None if it was not measured)."""
+    return next((b for b in rows if b['model'] == BASELINE and b['device'] == row['device']
+                 and b['size'] == row['size']), None)
+
+
 def format_ratios(rows: List[dict]) -> str:
     lines = [f'| model / {BASELINE} | device | LR size | latency ratio | CPU time ratio | FLOPs ratio | '
              'peak memory ratio | train step ratio | train step CPU ratio |',
@@ -324,8 +330,7 @@ def format_ratios(rows: List[dict]) -> str:
     for r in rows:
         if r['model'] == BASELINE:
             continue
-        base = next((b for b in rows if b['model'] == BASELINE and b['device'] == r['device']
-                     and b['size'] == r['size']), None)
+        base = _baseline(rows, r)
         if base is None:
             continue
         train = '- | -'
@@ -347,8 +352,7 @@ def format_train_spread(rows: List[dict]) -> str:
     steps), so the median ratio alone can hide which model the spread comes from."""
     lines = []
     for r in rows:
-        base = next((b for b in rows if b['model'] == BASELINE and b['device'] == r['device']
-                     and b['size'] == r['size']), None)
+        base = _baseline(rows, r)
         if r['model'] == BASELINE or base is None or r['train'] is None or base['train'] is None:
             continue
         fast, slow = (f"{r['train'][i] / base['train'][i]:.2f} ({r['train'][i]:.2f} s / {base['train'][i]:.2f} s)"
