@@ -132,6 +132,20 @@ BACKENDS = tuple(row.name for row in TABLE)
 _ROWS = {row.name: row for row in TABLE}
 
 
+_ENV_SOURCE = f'{ENV_VAR} environment variable'
+
+
+def _row(name: str, source: str = '') -> Backend:
+    """The table row of backend ``name``; the one check (and message) of a backend name, wherever it
+    comes from (``backend=``, ``use_backend``, ``MAMBACSR_SCAN_BACKEND``). Raises ValueError."""
+    row = _ROWS.get(name)
+    if row is None:
+        fix = f', or unset {ENV_VAR} for the automatic choice' if source == _ENV_SOURCE else ''
+        raise ValueError(f"unknown selective-scan backend {name!r}{f' (from {source})' if source else ''}; "
+                         f"choose one of {', '.join(BACKENDS)}{fix}")
+    return row
+
+
 def _check_device(device_type: str) -> torch.device:
     """The device a backend's check scan for ``device_type`` tensors runs on (the current device of that
     type; tests point it at the CPU to drive the check with stand-in backends)."""
@@ -186,8 +200,8 @@ def use_backend(name: Optional[str]):
     Raises ValueError at once for an unknown name. Under torch.compile the backend is read while
     Dynamo traces: compile inside the block.
     """
-    if name is not None and name not in _ROWS:
-        raise ValueError(f"unknown selective-scan backend '{name}'; choose one of {', '.join(BACKENDS)}")
+    if name is not None:
+        _row(name)
     _SCOPED.append(name)
     try:
         yield
@@ -203,12 +217,9 @@ def check_environment() -> None:
     from ..errors import ConfigError
     from . import cpu_scan
 
-    if os.environ.get(ENV_VAR):
-        name = os.environ[ENV_VAR].strip()
-        if name not in _ROWS:
-            raise ConfigError(f"{ENV_VAR}={name!r} is not a selective-scan backend; choose one of "
-                              f"{', '.join(BACKENDS)}, or unset it for the automatic choice")
     try:
+        if os.environ.get(ENV_VAR):
+            _row(os.environ[ENV_VAR].strip(), _ENV_SOURCE)
         cpu_scan.scan_threads()
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -228,12 +239,9 @@ def resolve_backend(device: Union[torch.device, str, None],
         if backend is None:  # an explicit "automatic" block: the environment variable does not apply
             source = ''
     if backend is None and source and os.environ.get(ENV_VAR):
-        backend, source = os.environ[ENV_VAR].strip(), f'{ENV_VAR} environment variable'
+        backend, source = os.environ[ENV_VAR].strip(), _ENV_SOURCE
     if backend is not None:
-        row = _ROWS.get(backend)
-        if row is None:
-            raise ValueError(f"unknown selective-scan backend '{backend}' (from {source}); "
-                             f"choose one of {', '.join(BACKENDS)}")
+        row = _row(backend, source)
         if not row.runs_on(dev):
             raise RuntimeError(f"selective-scan backend '{backend}' (from {source}) needs "
                                f"{'/'.join(d.upper() for d in row.devices())} tensors, got {dev}{row.device_hint}; "
