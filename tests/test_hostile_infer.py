@@ -112,6 +112,20 @@ def test_two_inputs_one_output_and_an_output_linked_to_an_input_are_refused(tmp_
     assert os.readlink(out / 'x.png') == str(src / 'x.png')
 
 
+def test_a_path_through_dotdot_cannot_reach_an_input(tmp_path, net_args, capsys, monkeypatch):
+    """'-o missing/../d' resolves to d once infer made 'missing'; a --suffix with a separator leaves -o."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / 'd'
+    _images(src, ['a.png', 'b.png'])
+    before = _snapshot(src)
+    assert _infer('-i', 'd', '-o', 'missing/../d', '--overwrite', *net_args) == 2
+    assert f"the output '{src / 'a.png'}' is this input itself" in _error_lines(capsys)
+    assert _infer('-i', 'd/a.png', '-o', 'out', '--suffix', '/../../d/a', *net_args) == 2
+    assert "--suffix '/../../d/a' contains '/'" in _error_lines(capsys)
+    assert _infer('-i', 'd', '-o', 'out', '--suffix', '/../../d/b', *net_args) == 2
+    assert _snapshot(src) == before and sorted(os.listdir(tmp_path)) == ['d']  # no 'missing', no 'out'
+
+
 # ------------------------------------------------------------------ item 2: earlier outputs are not re-read
 
 

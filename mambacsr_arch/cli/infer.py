@@ -384,6 +384,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     inputs = list_inputs(args.input)
     input_folder = args.input if osp.isdir(args.input) else None
+    if '..' in args.output.replace(os.sep, '/').split('/'):  # 'missing/..' would make 'missing', then leave it
+        args.output = osp.realpath(args.output)
     plan = plan_outputs(inputs, args.output, args.suffix, args.ext, input_folder)
     if not plan.pairs:
         earlier = (f' ({len(plan.previous_outputs)} there were written by an earlier basicsr infer and are not '

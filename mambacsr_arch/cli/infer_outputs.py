@@ -180,6 +180,10 @@ def plan_outputs(inputs: Sequence[str], out_dir: str, suffix: str, ext: str,
         OutputPlanError: listing every conflict (an output that is, or resolves to, any input file; two
             inputs with one output; an output name taken by a folder), each naming both files and the fix.
     """
+    separators = [sep for sep in ('/', os.sep, os.altsep, '\0') if sep and sep in suffix]
+    if separators:
+        raise OutputPlanError(f"--suffix {suffix!r} contains {separators[0]!r}: it is added to each output's file name "
+                              f'(e.g. _x4); choose the output folder with -o')
     manifest = {name: entry for name, entry in read_manifest(out_dir).items()
                 if osp.isfile(osp.join(out_dir, name))}
     previous: List[str] = []
@@ -201,7 +205,9 @@ def plan_outputs(inputs: Sequence[str], out_dir: str, suffix: str, ext: str,
     conflicts, claimed, pairs = [], {}, []
     for path in inputs:
         out = output_path(path, out_dir, suffix, ext)
-        out_id = _file_id(out)  # stat follows links: an output resolving to an input is caught too
+        # realpath first: 'missing/../in' reaches 'in' once infer has made 'missing'; stat follows links, so an
+        # output resolving to an input is caught too
+        out_id = _file_id(osp.realpath(out))
         same = input_ids.get(out_id) if out_id is not None else None
         if same == path:
             conflicts.append(f"'{path}': the output '{out}' is this input itself; fix: --suffix _x4, another --ext "
@@ -209,13 +215,13 @@ def plan_outputs(inputs: Sequence[str], out_dir: str, suffix: str, ext: str,
         elif same is not None:
             conflicts.append(f"'{path}': the output '{out}' is the input '{same}'; fix: --suffix _x4, another --ext "
                              f"or {other_dir} (if '{same}' came from an earlier run, move it out of the folder)")
-        elif out in claimed:
-            conflicts.append(f"'{claimed[out]}' and '{path}' would both be written to '{out}' (one stem); fix: "
-                             f'rename one of them, or restore them into separate -o folders')
+        elif osp.realpath(out) in claimed:
+            conflicts.append(f"'{claimed[osp.realpath(out)]}' and '{path}' would both be written to '{out}' (one "
+                             f'stem); fix: rename one of them, or restore them into separate -o folders')
         elif osp.isdir(out):
             conflicts.append(f"'{path}': the output '{out}' is an existing folder; fix: --suffix, --ext or "
                              f'{other_dir}')
-        claimed.setdefault(out, path)
+        claimed.setdefault(osp.realpath(out), path)
         pairs.append((path, out))
     if conflicts:
         shown = conflicts[:20] + ([f'... and {len(conflicts) - 20} more'] if len(conflicts) > 20 else [])
