@@ -75,7 +75,10 @@ def test_safetensors_export_and_reuse(tmp_path, capsys):
     (['-o', '{tmp}/m.txt'], '.onnx model or .safetensors'),
     (['-o', '{tmp}/net_g.pth'], '-o .* is the --weights file'),
     (['-o', '{tmp}/missing/m.onnx', '--size', '8', '8'], 'does not exist'),
-    (['-o', '{tmp}/m.onnx', '--size', '8', '8', '--opset', '11'], 'opset >= 18'),
+    (['-o', '{tmp}/m.onnx', '--size', '8', '8', '--opset', '11'], 'opset from 18 to'),
+    (['-o', '{tmp}/m.onnx', '--size', '8', '8', '--opset', '99'], 'opset from 18 to'),
+    (['-o', '{tmp}/m.onnx', '--size', '100000', '8'], 'at most 4096 per side'),
+    (['-o', '{tmp}/m.onnx', '--size', '8', '8', '--tolerance', 'inf'], 'finite number > 0'),
     (['-o', '{tmp}/m.safetensors', '--arch-opt', 'embed_dim=48'], 'embed_dim'),
 ])
 def test_bad_requests_are_config_errors(tmp_path, capsys, args, message):

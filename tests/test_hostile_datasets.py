@@ -152,7 +152,7 @@ def test_train_stops_on_a_3x2_val_image_before_the_first_iteration(tmp_path, mon
                           num_worker_per_gpu=0, batch_size_per_gpu=1),
             'val': dict(data, name='tiny_val', dataroot_gt=str(val_gt)),
         },
-        'network_g': dict(type='MambaCSR', upscale=4, embed_dim=12, depths=[1], depths2=[1], d_state=4,
+        'network_g': dict(type='MambaCSR', upscale=4, embed_dim=24, depths=[1], depths2=[1], d_state=4,
                           scan_size=4, img_size=16),
         'path': {'experiments_root': str(tmp_path / 'exp')},
         'train': {'optim_g': {'type': 'Adam', 'lr': 1e-3}, 'total_iter': 2, 'warmup_iter': -1,

@@ -7,6 +7,7 @@ stderr are the contract); the rest call our wrapped ``parse_options`` directly, 
 """
 from __future__ import annotations
 
+import os
 import os.path as osp
 import sys
 
@@ -61,6 +62,8 @@ def write(path, opt) -> str:
 def parse(path, monkeypatch, is_train=True, extra=()):
     """Our CLI's parse_options (BasicSR's, wrapped), reading ``-opt path`` like the pipelines do."""
     monkeypatch.setattr(sys, 'argv', ['basicsr', '-opt', str(path), *extra])
+    monkeypatch.chdir(osp.dirname(path))  # where options()' relative dataroot 'data/gt' is made
+    os.makedirs('data/gt', exist_ok=True)
     return runtime.wrap_parse_options(basicsr_options.parse_options)(str(osp.dirname(path)), is_train=is_train)[0]
 
 

@@ -38,6 +38,19 @@ def tree(root) -> list:
     return sorted(found)
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """cwd is tmp_path, where the options' relative dataroot 'data/gt' exists (empty: nothing here reads it)."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(tmp_path / 'data' / 'gt')
+
+
+def tiny_weights(folder, arch='MambaCSR') -> str:
+    path = osp.join(folder, f'{arch}.pth')
+    torch.save({'params': _tiny(arch).state_dict()}, path)
+    return path
+
+
 @pytest.fixture()
 def cli(tmp_path, monkeypatch, capsys):
     """``cli(command, opt, *extra)`` -> (exit code, the error lines, stderr); cwd is tmp_path."""
@@ -76,7 +89,9 @@ def test_option_errors_create_move_or_archive_nothing_and_force_yml_roots_are_ho
             'val.tile')
     assert tree(tmp_path) == sorted(before + ['o.yml'])
     # the forced roots are the ones the pipelines use (BasicSR 1.4.2 forces ./experiments/<name>)
-    path = write(tmp_path / 'o.yml', options())
+    opt = options()
+    opt['path']['pretrain_network_g'] = tiny_weights(tmp_path)  # test needs weights; train starts from them
+    path = write(tmp_path / 'o.yml', opt)
     for is_train, key in ((True, 'experiments_root'), (False, 'results_root')):
         monkeypatch.setattr(sys, 'argv', ['basicsr', '-opt', path, '--force_yml', f'path:{key}=runs/y', 'name=z'])
         opt = runtime.wrap_parse_options(basicsr_options.parse_options)(str(tmp_path), is_train=is_train)[0]
@@ -165,6 +180,7 @@ def test_save_img_without_suffix_defaults_with_a_note(tmp_path, monkeypatch, cap
     opt = options()
     opt['datasets'] = {'test': opt['datasets']['val']}
     opt['val'] = {'save_img': True}
+    opt['path']['pretrain_network_g'] = tiny_weights(tmp_path)
     monkeypatch.setattr(sys, 'argv', ['basicsr', '-opt', write(tmp_path / 'o.yml', opt)])
     parsed = runtime.wrap_parse_options(basicsr_options.parse_options)(str(tmp_path), is_train=False)[0]
     assert 'suffix' in parsed['val'] and parsed['val']['suffix'] is None  # BasicSR indexes it
@@ -232,6 +248,7 @@ def test_images_too_small_for_ssim_are_named_with_the_fix(tmp_path):
     make_image_folder(tmp_path / 'gt', names=('coffee', ), size=(48, 48))
     opt = options()
     opt['datasets'] = {'test': dict(opt['datasets']['val'], dataroot_gt=str(tmp_path / 'gt'))}
+    opt['path']['pretrain_network_g'] = tiny_weights(tmp_path)
     opt['val']['metrics'] = {'ssim': {'type': 'calculate_ssim', 'crop_border': 4, 'test_y_channel': True}}
     error = refused(cli_process('test', opt, tmp_path), '2 image(s) too small for the SSIM metric',
                     "astronaut.png' (evaluated at 16x16, 8x8 after crop_border 4", 'Drop the ssim metric')
@@ -267,3 +284,54 @@ def test_ctrl_c_before_a_command_runs_is_one_line(monkeypatch, capsys):
     assert cli_main(['env']) == 130
     err = capsys.readouterr().err
     assert err.strip() == 'basicsr env: interrupted.' and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('entry, fragment', [
+    ('datasets:train:dataset_enlarge_ratio=-1', 'datasets.train.dataset_enlarge_ratio must be an integer >= 1'),
+    ('datasets:train:dataset_enlarge_ratio=0', 'datasets.train.dataset_enlarge_ratio must be an integer >= 1'),
+    ('train:ema_decay=2', 'train.ema_decay must be a number in [0, 1)'),
+    ('train:scheduler:milestones=abc', 'train.scheduler.milestones must be a list of integers >= 0'),
+    ('train:scheduler:gamma=abc', 'train.scheduler.gamma must be a positive number'),
+    ('train:scheduler:type=MultiStepLRR', "no scheduler 'MultiStepLRR' (did you mean 'MultiStepLR'?)"),
+    ('train:optim_g:type=Adamm', 'train.optim_g (Adamm) cannot be built'),
+    ('train:optim_g:betas=abc', 'train.optim_g (Adam) cannot be built'),
+    ('train:pixel_opt:type=L1Losss', "unknown loss 'L1Losss' (did you mean 'L1Loss'?)"),
+    ('train:pixel_opt=~', 'train has no loss: add pixel_opt'),
+    ('val:metrics={psnr: {type: calculate_psnrr}}', "metric 'calculate_psnrr' (did you mean 'calculate_psnr'?)"),
+    ('val:metrics={psnr: {type: calculate_psnr, crop_border: -4}}', 'val.metrics.psnr.crop_border must be an integer'),
+    ('num_gpu=-1', 'num_gpu must be an integer >= 0'),
+    ('num_gpu=two', 'num_gpu must be an integer >= 0'),
+    ('manual_seed=abc', "manual_seed must be an integer >= 0, got 'abc'"),
+    ('datasets:train:use_hflip=maybe', "datasets.train.use_hflip must be true or false, got 'maybe'"),
+    ('path:strict_load_g=maybe', "path.strict_load_g must be true or false, got 'maybe'"),
+    ('path:resume_state=missing.state', "path.resume_state: 'missing.state' is not a file"),
+    ('datasets:train:dataroot_gt=nowhere', "datasets.train.dataroot_gt: 'nowhere' is not a folder (it does not exist)"),
+    ('datasets:val:dataroot_gt=~', 'datasets.val.dataroot_gt is None'),
+    ('datasets:train:jpeg_quality=101', 'jpeg_quality'),
+    ('datasets:train:io_backend={type: lmdb}', "'data/gt' is not an LMDB (no data.mdb) but io_backend is lmdb"),
+])
+def test_values_basicsr_reads_late_stop_before_anything_is_made(cli, tmp_path, entry, fragment):
+    """Each was silently wrong (a negative enlarge ratio trained nothing, ema_decay 2 extrapolated, text milestones
+    never decayed) or a traceback after the experiment folder was made or an existing one archived."""
+    os.makedirs(tmp_path / 'experiments' / 'hostile' / 'models')
+    before = tree(tmp_path)
+    refused(cli('train', options(), '--force_yml', entry), fragment)
+    assert tree(tmp_path) == sorted(before + ['o.yml'])
+
+
+def test_misspelt_sections_a_misspelt_dataroot_and_test_without_weights(cli):
+    opt = options()
+    opt['vall'] = opt.pop('val')
+    refused(cli('train', opt), "unknown top-level key 'vall' (did you mean 'val'?)")
+    opt = options()
+    opt['datasets']['train']['dataroot_gtt'] = opt['datasets']['train'].pop('dataroot_gt')
+    refused(cli('train', opt), "datasets.train.dataroot_gt is missing ('dataroot_gtt' is misspelt)")
+    opt = options()
+    opt['datasets'] = {'test': opt['datasets']['val']}
+    refused(cli('test', opt), 'path.pretrain_network_g is not set: basicsr test would score an untrained')
+
+
+@pytest.mark.parametrize('entry, fragment', [('network_g:embed_dim="24"', 'MambaCSR cannot be built with these values'),
+                                             ('network_g:scan_size=0', 'MambaCSR cannot be built with these values')])
+def test_network_values_its_constructor_refuses(cli, entry, fragment):
+    refused(cli('train', options(), '--force_yml', entry), 'network_g: ', fragment)

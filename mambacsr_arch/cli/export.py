@@ -48,6 +48,7 @@ from mambacsr_arch.errors import ConfigError
 EXIT_OK, EXIT_MISMATCH = 0, 1
 DEFAULT_OPSET = 18
 DEFAULT_TOLERANCE = 1e-3
+MAX_SIZE = 4096  # --size per side: a traced LR of 4096 x 4096 already takes tens of GiB at x4
 
 
 class ExportConfigError(ConfigError):
@@ -202,10 +203,17 @@ def _check_output(args: argparse.Namespace) -> str:
                                     'or --dynamic (any size).')
         if args.size is not None and min(args.size) < 2:
             raise ExportConfigError(f'--size {args.size[0]} {args.size[1]}: height and width must be >= 2.')
-        if args.opset < 18:
-            raise ExportConfigError(f'--opset {args.opset}: the exporter needs opset >= 18.')
-        if not args.tolerance > 0:
-            raise ExportConfigError(f'--tolerance must be > 0, got {args.tolerance}.')
+        if args.size is not None and max(args.size) > MAX_SIZE:
+            raise ExportConfigError(f'--size {args.size[0]} {args.size[1]}: at most {MAX_SIZE} per side (the model is '
+                                    'traced and checked at this size); --dynamic exports one model for any size.')
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not 18 <= args.opset <= newest:
+            raise ExportConfigError(f'--opset {args.opset}: the exporter needs an opset from 18 to {newest} (the '
+                                    f'newest this onnx {onnx.__version__} knows); the default is {DEFAULT_OPSET}.')
+        if not 0 < args.tolerance < float('inf'):
+            raise ExportConfigError(f'--tolerance must be a finite number > 0, got {args.tolerance}.')
     return ext
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import os.path as osp
 import re
 import sys
 from collections import OrderedDict
@@ -237,6 +238,9 @@ def normalizing_yaml(notes: List[str], forced: Sequence[ForcedEntry] = (),
                         _check_structure(data, self.mambacsr_source)
                     notes.extend(apply_force_yml(data, forced, self.mambacsr_source))
                 _check_structure(data, self.mambacsr_source)
+                seed = data.get('manual_seed')
+                if seed is not None:  # BasicSR's parse_options seeds with it (seed + rank) before our checks
+                    _int_at_least(seed, 0, f'{self.mambacsr_source}: manual_seed')
                 notes.extend(normalize_dataroots(data, self.mambacsr_source))
                 if read is not None:
                     read['path'] = dict(data['path'])
@@ -333,7 +337,7 @@ def _signature(cls: Any):
 
 
 def check_network(network_opt: Any, key: str = 'network_g', source: str = '', scale: Any = None,
-                  scale_label: str = 'scale') -> List[str]:
+                  scale_label: str = 'scale', build: bool = False) -> List[str]:
     """Check one ``network_*`` section against its registered arch; returns notes, raises OptionError.
 
     Keys must be constructor parameters. MambaCSR and HAT take ``**kwargs`` (their official
@@ -342,7 +346,8 @@ def check_network(network_opt: Any, key: str = 'network_g', source: str = '', sc
     with ``**kwargs`` cannot be checked (noted). With ``scale``, the network's output factor
     (``upscale``, its constructor default when the key is absent; 1 when ``upsampler`` is ``''``)
     must equal it. ``source`` (e.g. "option file 'x.yml'") prefixes messages; ``scale_label`` names
-    where ``scale`` came from.
+    where ``scale`` came from. ``build``: also construct our archs once (on the CPU, a fraction of a
+    second) so that values their constructors refuse stop here, not after the experiment folder exists.
     """
     arch_registry = _registries()[0]
     prefix = f'{source}: ' if source else ''
@@ -368,6 +373,12 @@ def check_network(network_opt: Any, key: str = 'network_g', source: str = '', sc
         raise OptionError(f'{prefix}{key}: {arch} has no option {named}. Its options: {", ".join(params)}. Fix or '
                           'remove the key (an ignored key would build another network than the one asked for).')
     required = [name for name, p in params.items() if p.default is p.empty and name not in network_opt]
+    if build and ours and not required:  # values: what infer's build_and_load says, before any folder is made
+        kwargs = {k: v for k, v in network_opt.items() if k != 'type'}
+        try:
+            cls(**kwargs)
+        except (TypeError, ValueError, KeyError, ZeroDivisionError) as err:
+            raise OptionError(f'{prefix}{key}: {arch} cannot be built with these values: {err}') from err
     if required:
         raise OptionError(f'{prefix}{key}: {arch} needs {", ".join(required)}; add '
                           f'{"them" if len(required) > 1 else "it"} to {key}.')
@@ -575,6 +586,7 @@ def check_options(opt: MutableMapping[str, Any], command: str, source: str) -> L
     """
     _, dataset_registry, model_registry = _registries()
     notes = normalize_dataset_keys(opt, command, source)
+    _check_top_level(opt, source)
     _check_type(model_registry, opt.get('model_type'), f'{source}: model_type', 'model')
     family = _model_family(model_registry, opt.get('model_type'))
     for key, dataset in opt['datasets'].items():
@@ -583,12 +595,174 @@ def check_options(opt: MutableMapping[str, Any], command: str, source: str) -> L
         raise OptionError(f'{source}: the network_g section is missing (e.g. network_g: {{type: MambaCSR, ...}}).')
     for key in [k for k in opt if str(k).startswith('network_')]:
         scale = opt.get('scale') if key == 'network_g' else None
-        notes += check_network(opt[key], key, source, scale=scale)
+        notes += check_network(opt[key], key, source, scale=scale, build=True)
     _check_devices(opt, source)
     if command == 'train':
         _check_train(opt, family, source)
     notes += _check_loaders(opt, command, source)
+    check_values(opt, command, source, family)
     if family == 'ours':
         _check_inference(opt, source)
     _check_pretrained(opt, family, source)
     return notes
+
+
+# ----------------------------------------------------------------------------- values BasicSR reads late
+
+#: Top-level sections: a key that is none of these but close to one (``vall``, ``datsets``, ``loger``) is a typo
+#: that BasicSR would ignore (a misspelt ``val`` silently turns validation off).
+SECTIONS = ('name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'network_g', 'path', 'train', 'val',
+            'logger', 'dist_params')
+#: Options BasicSR tests for truth: ``maybe`` or ``'false'`` (text) would count as true.
+_FLAGS = {'datasets.*': ('use_hflip', 'use_rot', 'use_shuffle'), 'path': ('strict_load_g',),
+          'val': ('save_img', 'pbar'), 'logger': ('use_tb_logger',)}
+_ADDED = ('is_train', 'dist', 'rank', 'world_size', 'auto_resume')  # set by BasicSR's parse_options
+_SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')  # BasicSR's setup_schedulers
+
+
+def _number_list(value: Any, where: str, integer: bool, minimum: float) -> None:
+    if not isinstance(value, (list, tuple)) or not all(
+            _is_number(v) and v >= minimum and (not integer or float(v).is_integer()) for v in value):
+        kind = 'integers' if integer else 'numbers'
+        raise OptionError(f'{where} must be a list of {kind} >= {minimum:g}, got {value!r}.')
+
+
+def _check_top_level(opt: Mapping[str, Any], source: str) -> None:
+    """Misspelt sections, flags given as text, ``num_gpu`` (BasicSR's int() traceback)."""
+    for key in opt:
+        close = difflib.get_close_matches(str(key), SECTIONS, n=1, cutoff=0.75)
+        if key not in SECTIONS + _ADDED and close and close[0] not in opt:
+            raise OptionError(f"{source}: unknown top-level key '{key}' (did you mean '{close[0]}'?); BasicSR would "
+                              'ignore it.')
+    for section, keys in _FLAGS.items():
+        parts = (opt.get('datasets') or {}).items() if section == 'datasets.*' else [(section, opt.get(section))]
+        for name, part in parts:
+            where = f'datasets.{name}' if section == 'datasets.*' else section
+            for key in keys:
+                value = part.get(key) if isinstance(part, Mapping) else None
+                if value is not None and not isinstance(value, bool):
+                    raise OptionError(f'{source}: {where}.{key} must be true or false, got {value!r}.')
+    num_gpu = opt.get('num_gpu', 'auto')
+    if num_gpu != 'auto' and num_gpu is not None:
+        _int_at_least(num_gpu, 0, f'{source}: num_gpu', "or 'auto' (every visible GPU, else the CPU).")
+    if opt.get('is_train') and 'val' not in opt and any(str(k).startswith('val') for k in opt.get('datasets') or {}):
+        raise OptionError(f'{source}: datasets has a validation set but there is no val section (val_freq, '
+                          'metrics): add one, or remove the validation set.')
+
+
+def _check_schedule(train: Mapping[str, Any], family: str, source: str) -> None:
+    """``train``: optimiser and scheduler as BasicSR builds them, ``ema_decay``, the losses."""
+    import torch
+    import basicsr.losses  # noqa: F401  (the import fills the registry)
+    from basicsr.utils.registry import LOSS_REGISTRY
+
+    ema = train.get('ema_decay')
+    if ema is not None and not (_is_number(ema) and 0 <= ema < 1):
+        raise OptionError(f'{source}: train.ema_decay must be a number in [0, 1) (0: no EMA; 0.999 is usual), got '
+                          f'{ema!r}.')
+    if family == 'other':
+        return
+    from basicsr.models.base_model import BaseModel
+
+    optim = dict(train['optim_g'])
+    kind = optim.pop('type')
+    try:  # BasicSR's own factory, on one throw-away parameter (1.4.2 takes Adam only; newer ones more)
+        BaseModel.get_optimizer(None, kind, [torch.nn.Parameter(torch.zeros(1))], **optim)
+    except (NotImplementedError, TypeError, ValueError, AttributeError, KeyError) as err:
+        raise OptionError(f'{source}: train.optim_g ({kind}) cannot be built: {err}') from err
+    scheduler = train['scheduler']
+    where = f'{source}: train.scheduler'
+    if scheduler['type'] not in _SCHEDULERS:
+        raise OptionError(f"{where}.type: BasicSR has no scheduler '{scheduler['type']}'"
+                          f"{_closest(str(scheduler['type']), _SCHEDULERS)}; choose one of {', '.join(_SCHEDULERS)}.")
+    if scheduler['type'] == 'CosineAnnealingRestartLR':
+        _number_list(scheduler.get('periods'), f'{where}.periods', True, 1)
+        _number_list(scheduler.get('restart_weights', [1]), f'{where}.restart_weights', False, 0)
+    else:
+        _number_list(scheduler.get('milestones'), f'{where}.milestones', True, 0)
+        _number_list(scheduler.get('restart_weights', [1]), f'{where}.restart_weights', False, 0)
+        gamma = scheduler.get('gamma', 0.1)
+        if not (_is_number(gamma) and gamma > 0):
+            raise OptionError(f'{where}.gamma must be a positive number, got {gamma!r}{_text_number_hint(gamma)}.')
+    losses = [key for key in ('pixel_opt', 'perceptual_opt') if train.get(key)]
+    if family == 'ours' and not losses:
+        raise OptionError(f'{source}: train has no loss: add pixel_opt (e.g. {{type: L1Loss, loss_weight: 1.0, '
+                          'reduction: mean}}).')
+    for key in losses:
+        loss = dict(train[key]) if isinstance(train[key], Mapping) else {}
+        cls = _check_type(LOSS_REGISTRY, loss.pop('type', None), f'{source}: train.{key}.type', 'loss')
+        if key == 'pixel_opt':  # the class itself: build_loss would start BasicSR's logger before its log file
+            try:
+                cls(**loss)
+            except (TypeError, ValueError, KeyError) as err:
+                raise OptionError(f'{source}: train.{key} cannot be built: {err}') from err
+
+
+def _check_metrics(val: Any, source: str) -> None:
+    import basicsr.metrics  # noqa: F401  (the import fills the registry)
+    from basicsr.utils.registry import METRIC_REGISTRY as registry
+
+    metrics = val.get('metrics') if isinstance(val, Mapping) else None
+    for name, metric in (metrics or {}).items():
+        where = f'{source}: val.metrics.{name}'
+        _check_type(registry, metric.get('type'), f'{where}.type', 'metric')
+        _int_at_least(metric.get('crop_border', 0), 0, f'{where}.crop_border', 'pixels cut from each side before '
+                      'scoring (the scale, e.g. 4, as in the papers).')
+        flag = metric.get('test_y_channel')
+        if flag is not None and not isinstance(flag, bool):
+            raise OptionError(f'{where}.test_y_channel must be true or false, got {flag!r}.')
+
+
+def _check_dataset_sources(opt: Mapping[str, Any], command: str, source: str) -> None:
+    """Folders and LMDBs of every dataset, and the JPEG qualities of ours, before BasicSR lists them."""
+    from mambacsr_arch.data.jpeg_degraded_dataset import parse_quality_spec
+
+    for phase, dataset in opt['datasets'].items():
+        where = f'{source}: datasets.{phase}'
+        if command == 'train' and str(phase) == 'train':
+            _int_at_least(dataset.get('dataset_enlarge_ratio', 1), 1, f'{where}.dataset_enlarge_ratio',
+                          'each epoch repeats the images that many times (1: once).')
+        kind = dataset.get('type')
+        needed = {'PairedImageDataset': DATAROOT_KEYS, 'JPEGDegradedPairedDataset': ('dataroot_gt',)}.get(kind, ())
+        backend = (dataset.get('io_backend') or {}).get('type', 'disk') if isinstance(dataset.get('io_backend'),
+                                                                                     Mapping) else None
+        for key in needed:
+            root = dataset.get(key)
+            if not root:
+                typo = [str(k) for k in dataset if k not in needed and difflib.get_close_matches(str(k), [key], 1, 0.8)]
+                hint = f" ('{typo[0]}' is misspelt)" if typo else ''
+                raise OptionError(f'{where}.{key} is {"missing" if key not in dataset else repr(root)}{hint}: {kind} '
+                                  'needs the folder (or .lmdb) of its images.')
+            if not isinstance(root, str) or not osp.isdir(root):
+                missing = ' (it does not exist)' if isinstance(root, str) and not osp.exists(root) else ''
+                raise OptionError(f"{where}.{key}: '{root}' is not a folder{missing}.")
+            if backend == 'lmdb' and not osp.isfile(osp.join(root, 'data.mdb')):
+                raise OptionError(f"{where}.{key}: '{root}' is not an LMDB (no data.mdb) but io_backend is lmdb; "
+                                  'use io_backend: {type: disk}, or make the LMDB with basicsr prepare-csr --lmdb.')
+        if kind == 'JPEGDegradedPairedDataset':
+            try:
+                parse_quality_spec(dataset, f'datasets.{phase}')
+            except ValueError as err:
+                raise OptionError(f'{source}: {err}') from err
+
+
+def check_values(opt: MutableMapping[str, Any], command: str, source: str, family: str) -> None:
+    """What BasicSR reads only after it made the experiment folder (or never checks at all): the optimiser,
+    scheduler and losses as BasicSR builds them, ``ema_decay``, metric types and crop borders."""
+    if command == 'train':
+        _check_schedule(opt['train'], family, source)
+    _check_metrics(opt.get('val'), source)
+
+
+def check_sources(opt: Mapping[str, Any], command: str, source: str) -> None:
+    """The files an option file names exist (the CLI runs this after :func:`check_options`): every dataset's
+    folders or LMDBs (and the JPEG qualities of ours), ``path.resume_state``, and for ``test`` the weights."""
+    _check_dataset_sources(opt, command, source)
+    path_opt = opt.get('path') or {}
+    resume = path_opt.get('resume_state')
+    if command == 'train' and resume and not osp.isfile(str(resume)):
+        raise OptionError(f"{source}: path.resume_state: '{resume}' is not a file; give a .state file of "
+                          "experiments/<name>/training_states, or remove it (auto_resume finds the newest).")
+    if command == 'test' and not path_opt.get('pretrain_network_g'):
+        raise OptionError(f'{source}: path.pretrain_network_g is not set: basicsr test would score an untrained, '
+                          'randomly initialised network. Set it to the weights to test.')

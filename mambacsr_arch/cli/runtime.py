@@ -334,6 +334,7 @@ def wrap_parse_options(parse_options: Callable) -> Callable:
         _override_roots(opt, read.get('path') or {}, is_train)
         command = 'train' if is_train else 'test'
         notes += option_checks.check_options(opt, command, f"option file '{args.opt}'")
+        option_checks.check_sources(opt, command, f"option file '{args.opt}'")
         checks.expect_metrics((opt.get('val') or {}).get('metrics'))  # the SSIM size rule of val/test sets
         if int(opt.get('rank', 0)) == 0:
             option_checks.print_notes(command, notes)

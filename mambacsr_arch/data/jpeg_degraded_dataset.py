@@ -53,6 +53,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
+from ..errors import ConfigError
 from ..registry import registers
 from .checks import pair_size_problem
 from .degradations import DOWNSAMPLE_METHODS, check_quality, degrade_csr, uint8_to_float
@@ -141,24 +142,24 @@ class JPEGDegradedPairedDataset(data.Dataset):
         _check_keys(opt, self.where)
         self.phase = self._require('phase')
         if self.phase not in ('train', 'val', 'test'):
-            raise ValueError(f"{self.where}.phase: expected 'train', 'val' or 'test', got {self.phase!r}.")
+            raise ConfigError(f"{self.where}.phase: expected 'train', 'val' or 'test', got {self.phase!r}.")
         self.scale = self._require('scale')
         if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
-            raise ValueError(f'{self.where}.scale: expected a positive integer, got {self.scale!r}.')
+            raise ConfigError(f'{self.where}.scale: expected a positive integer, got {self.scale!r}.')
         self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.backend = self.io_backend_opt.get('type', 'disk')
         if self.backend not in ('disk', 'lmdb'):
-            raise ValueError(f"{self.where}.io_backend.type: expected 'disk' or 'lmdb', got {self.backend!r}.")
+            raise ConfigError(f"{self.where}.io_backend.type: expected 'disk' or 'lmdb', got {self.backend!r}.")
         self.color = opt.get('color', 'rgb') or 'rgb'
         if self.color not in ('rgb', 'y'):
-            raise ValueError(f"{self.where}.color: expected 'rgb' or 'y', got {self.color!r}.")
+            raise ConfigError(f"{self.where}.color: expected 'rgb' or 'y', got {self.color!r}.")
         self.mean, self.std = opt.get('mean'), opt.get('std')
         self.use_hflip, self.use_rot = bool(opt.get('use_hflip', False)), bool(opt.get('use_rot', False))
         self.gt_size: Optional[int] = None
         if self.phase == 'train':
             self.gt_size = self._require('gt_size')
             if not isinstance(self.gt_size, int) or self.gt_size < self.scale or self.gt_size % self.scale:
-                raise ValueError(f'{self.where}.gt_size: expected a positive multiple of scale {self.scale}, '
+                raise ConfigError(f'{self.where}.gt_size: expected a positive multiple of scale {self.scale}, '
                                  f'got {self.gt_size!r}.')
 
         self.gt_folder = self._existing_root('dataroot_gt')
@@ -169,22 +170,22 @@ class JPEGDegradedPairedDataset(data.Dataset):
             self.qualities = parse_quality_spec(opt, self.where)
             self.downsample = opt.get('downsample', 'matlab_bicubic')
             if self.downsample not in DOWNSAMPLE_METHODS:
-                raise ValueError(f'{self.where}.downsample: expected one of {list(DOWNSAMPLE_METHODS)}, '
+                raise ConfigError(f'{self.where}.downsample: expected one of {list(DOWNSAMPLE_METHODS)}, '
                                  f'got {self.downsample!r}.')
             self.paths = self._gt_paths()
         else:
             for key in ('jpeg_quality', 'jpeg_quality_range', 'downsample'):
                 if opt.get(key) is not None:
-                    raise ValueError(f'{self.where}.{key} has no effect when dataroot_lq is set (the LQ images '
+                    raise ConfigError(f'{self.where}.{key} has no effect when dataroot_lq is set (the LQ images '
                                      'are read, not generated); remove one of the two.')
             self.paths = self._paired_paths()
         if not self.paths:
-            raise ValueError(f'{self.where}: no images found in dataroot_gt {self.gt_folder!r}.')
+            raise ConfigError(f'{self.where}: no images found in dataroot_gt {self.gt_folder!r}.')
 
     # ---------------------------------------------------------------- construction helpers
     def _require(self, key: str) -> Any:
         if self.opt.get(key) is None:
-            raise ValueError(f'{self.where}: option {key!r} is required.')
+            raise ConfigError(f'{self.where}: option {key!r} is required.')
         return self.opt[key]
 
     def _existing_root(self, key: str) -> str:
@@ -193,7 +194,7 @@ class JPEGDegradedPairedDataset(data.Dataset):
             raise FileNotFoundError(f'{self.where}.{key}: {path!r} does not exist.')
         if self.backend == 'lmdb':
             if not path.endswith('.lmdb') or not osp.isfile(osp.join(path, 'meta_info.txt')):
-                raise ValueError(f'{self.where}.{key}: {path!r} is not a BasicSR LMDB (a *.lmdb folder with '
+                raise ConfigError(f'{self.where}.{key}: {path!r} is not a BasicSR LMDB (a *.lmdb folder with '
                                  'meta_info.txt), as io_backend lmdb requires.')
         elif not osp.isdir(path):
             raise NotADirectoryError(f'{self.where}.{key}: {path!r} is not a folder.')
@@ -228,7 +229,7 @@ class JPEGDegradedPairedDataset(data.Dataset):
         except (PairingError, ImageFolderError) as err:  # they name the files already; keep their type
             raise type(err)(f'{self.where}: {err}') from err
         except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f'{self.where}: cannot pair dataroot_lq {self.lq_folder!r} with dataroot_gt '
+            raise ConfigError(f'{self.where}: cannot pair dataroot_lq {self.lq_folder!r} with dataroot_gt '
                              f'{self.gt_folder!r}: {err}') from err
 
     # ---------------------------------------------------------------- reading
