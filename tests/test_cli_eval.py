@@ -162,3 +162,20 @@ def test_pairing_is_the_datasets_pairing_by_stem(folders, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
     assert "'coffee_{x4}.bmp' and 'coffee_{x4}.png'" in err and '--restored' in err, err
+
+
+def test_images_too_small_for_ssim_fail_instead_of_scoring_nan(tmp_path):
+    """A 3x3 pair (or a crop_border leaving less than 11x11) gave SSIM nan and exit 0."""
+    from mambacsr_arch.cli.evaluate import score_pair
+
+    gt = np.arange(27, dtype=np.uint8).reshape(3, 3, 3) * 9
+    cv2.imwrite(str(tmp_path / 'gt.png'), gt)
+    cv2.imwrite(str(tmp_path / 'sr.png'), 255 - gt)
+    with pytest.raises(EvalError, match='SSIM needs at least 11x11 after --crop-border 0'):
+        score_pair(str(tmp_path / 'sr.png'), str(tmp_path / 'gt.png'))
+    big = cv2.resize(gt, (24, 24), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(tmp_path / 'gt.png'), big)
+    cv2.imwrite(str(tmp_path / 'sr.png'), 255 - big)
+    assert math.isfinite(score_pair(str(tmp_path / 'sr.png'), str(tmp_path / 'gt.png'), crop_border=6)[1])
+    with pytest.raises(EvalError, match='after --crop-border 7'):
+        score_pair(str(tmp_path / 'sr.png'), str(tmp_path / 'gt.png'), crop_border=7)

@@ -139,3 +139,21 @@ def test_dynamic_size_below_the_minimum_is_a_config_error(tmp_path, capsys, opt,
     assert main(['export', '--weights', str(weights), '-o', str(tmp_path / 'd.onnx'), '--size', str(size), '8',
                  '--dynamic']) == 2
     assert f'>= {low}' in capsys.readouterr().err and not (tmp_path / 'd.onnx').exists()
+
+
+def test_a_killed_exports_temporary_is_removed_and_a_live_ones_kept(tmp_path):
+    """kill -9 mid-export left '.m.safetensors.<pid>.tmp' (MBs) for good; the next export of m removes it."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    _, weights = _checkpoint(tmp_path, HAT)
+    stale = tmp_path / f'.m.safetensors.{dead.pid}.tmp'
+    live = tmp_path / f'.m.safetensors.{os.getppid()}.tmp'  # pytest's parent is alive: its writer may run
+    other = tmp_path / f'.n.safetensors.{dead.pid}.tmp'  # another output's: not this run's business
+    for path in (stale, live, other):
+        path.write_bytes(b'partial')
+    assert main(['export', '--weights', str(weights), '-o', str(tmp_path / 'm.safetensors')]) == 0
+    assert not stale.exists() and live.exists() and other.exists()

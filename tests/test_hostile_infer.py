@@ -308,3 +308,21 @@ def test_ctrl_c_mid_run_writes_no_partial_file_and_a_rerun_continues(tmp_path, n
     assert _infer('-i', tmp_path / 'in', '-o', tmp_path / 'out', *net_args) == 0
     assert sorted(os.listdir(tmp_path / 'out')) == [MANIFEST_NAME, 'a.png', 'b.png', 'c.png']
     assert _snapshot(tmp_path / 'in') == before
+
+
+def test_temporaries_of_a_killed_run_are_removed_on_the_next_run(tmp_path, net_args, capsys):
+    """kill -9 mid-write leaves '.a.png.<pid>.tmp'; the next run into the folder removes the dead writers' ones."""
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    _images(tmp_path / 'in', ['a.png'])
+    out = tmp_path / 'out'
+    out.mkdir()
+    stale = [out / f'.a.png.{dead.pid}.tmp', out / f'.{MANIFEST_NAME}.{dead.pid}.tmp']
+    kept = [out / f'.a.png.{os.getppid()}.tmp', out / f'.notes.txt.{dead.pid}.tmp']  # a live writer; not ours
+    for path in stale + kept:
+        path.write_bytes(b'partial')
+    assert _infer('-i', tmp_path / 'in', '-o', out, *net_args) == 0
+    assert 'removed 2 temporary file(s) a killed run left' in capsys.readouterr().err
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)

@@ -255,6 +255,16 @@ def test_images_too_small_for_ssim_are_named_with_the_fix(tmp_path):
     assert 'coffee' not in error
 
 
+def test_a_crop_border_leaving_no_pixel_is_named_not_scored_as_nan(tmp_path):
+    make_image_folder(tmp_path / 'gt', names=('astronaut', ), size=(16, 16))
+    opt = options()
+    opt['datasets'] = {'test': dict(opt['datasets']['val'], dataroot_gt=str(tmp_path / 'gt'))}
+    opt['path']['pretrain_network_g'] = tiny_weights(tmp_path)
+    opt['val']['metrics'] = {'psnr': {'type': 'calculate_psnr', 'crop_border': 8}}
+    refused(cli_process('test', opt, tmp_path), "1 image(s) smaller than twice the metrics' crop_border",
+            'evaluated at 16x16, 0x0 after crop_border 8: no pixel is left to score', 'Lower crop_border')
+
+
 def test_gt_size_larger_than_the_training_images_says_how_many_and_the_largest(tmp_path):
     make_image_folder(tmp_path / 'gt', names=('astronaut', 'chelsea'), size=(24, 24))
     make_image_folder(tmp_path / 'gt', names=('coffee', ), size=(28, 40))
@@ -302,6 +312,8 @@ def test_ctrl_c_before_a_command_runs_is_one_line(monkeypatch, capsys):
     ('num_gpu=-1', 'num_gpu must be an integer >= 0'),
     ('num_gpu=two', 'num_gpu must be an integer >= 0'),
     ('manual_seed=abc', "manual_seed must be an integer >= 0, got 'abc'"),
+    ('train:total_iter="2"', "train.total_iter must be an integer >= 1, got '2' (YAML reads '2' as text: remove the"),
+    ('scale="4"', "scale is '4' but network_g upscales x4"),
     ('datasets:train:use_hflip=maybe', "datasets.train.use_hflip must be true or false, got 'maybe'"),
     ('path:strict_load_g=maybe', "path.strict_load_g must be true or false, got 'maybe'"),
     ('path:resume_state=missing.state', "path.resume_state: 'missing.state' is not a file"),
@@ -335,3 +347,10 @@ def test_misspelt_sections_a_misspelt_dataroot_and_test_without_weights(cli):
                                              ('network_g:scan_size=0', 'MambaCSR cannot be built with these values')])
 def test_network_values_its_constructor_refuses(cli, entry, fragment):
     refused(cli('train', options(), '--force_yml', entry), 'network_g: ', fragment)
+
+
+def test_a_resume_state_holding_python_objects_is_refused_without_suggesting_an_unsafe_load(cli, tmp_path):
+    torch.save({'iter': Payload()}, tmp_path / 'x.state')
+    error = refused(cli('train', options(), '--force_yml', f'path:resume_state={tmp_path}/x.state'),
+                    'holds pickled Python objects', 'refused (loading it could run code)')
+    assert 'weights_only' not in error

@@ -150,7 +150,7 @@ def test_safetensors_get_the_permissions_of_a_normal_file(tmp_path, capsys):
 def test_onnx_flags_with_a_safetensors_output_are_refused(tmp_path, capsys, flags):
     torch.save({'params': _state(HAT)}, tmp_path / 'net_g.pth')
     _refused(capsys, ['export', '--weights', tmp_path / 'net_g.pth', '-o', tmp_path / 'w.safetensors'] + flags,
-             tmp_path, flags[0], 'only apply to ONNX')
+             tmp_path, flags[0], 'of ONNX export only')
 
 
 @pytest.mark.parametrize('arch,option,fragment', [
@@ -173,3 +173,21 @@ def test_asking_a_safetensors_for_an_entry_it_does_not_hold(tmp_path, capsys, im
     capsys.readouterr()
     _refused(capsys, _infer(image, tmp_path, out, '--param-key', 'params'), tmp_path, 'ema.safetensors',
              "holds the 'params_ema' weights", "not 'params'", 'net_g.pth [params]')
+
+
+def test_param_key_none_on_a_file_with_params_and_params_ema_is_not_guessed():
+    """--param-key none (a bare state dict) on {'params', 'params_ema'} silently loaded params_ema."""
+    from mambacsr_arch.models.weights import ParamKeyError, select_params
+
+    state = {'w': torch.ones(2)}
+    with pytest.raises(ParamKeyError, match="not a bare state dict .*it holds params_ema, params"):
+        select_params({'params': state, 'params_ema': state}, 'none', source="'x.pth'")
+    assert select_params({'params': state}, 'none')[1] == 'params'  # one entry: nothing to guess
+
+
+def test_a_pth_renamed_safetensors_loads_as_what_it_is(tmp_path):
+    """Its name said safetensors, so its zip bytes were parsed as a safetensors header ('header too large')."""
+    from mambacsr_arch.models.weights import read_checkpoint
+
+    torch.save({'params': {'w': torch.ones(2)}}, tmp_path / 'net.safetensors')
+    assert torch.equal(read_checkpoint(tmp_path / 'net.safetensors')['params']['w'], torch.ones(2))

@@ -118,10 +118,11 @@ def score_pair(restored_path: str, gt_path: str, crop_border: int = 0,
     """(PSNR dB, SSIM) of one pair by BasicSR's metric functions on uint8 BGR arrays.
 
     Raises:
-        EvalError: unreadable file, sizes differ, or the image is not larger than 2 * crop_border.
+        EvalError: unreadable file, sizes differ, or the image is smaller than the SSIM window after crop_border.
     """
     from basicsr.metrics import calculate_psnr, calculate_ssim
 
+    from mambacsr_arch.data.checks import SSIM_WINDOW
     from mambacsr_arch.data.image_io import ImageReadError, read_image_bgr8
 
     try:
@@ -134,6 +135,9 @@ def score_pair(restored_path: str, gt_path: str, crop_border: int = 0,
                         f'{gt_path} is {gt.shape[1]}x{gt.shape[0]}; wrong scale, or GT not mod-cropped?')
     if min(gt.shape[:2]) <= 2 * crop_border:
         raise EvalError(f'{gt_path} is {gt.shape[1]}x{gt.shape[0]}: too small for --crop-border {crop_border}.')
+    if min(gt.shape[:2]) - 2 * crop_border < SSIM_WINDOW:  # BasicSR's SSIM would be nan (no valid window)
+        raise EvalError(f'{gt_path} is {gt.shape[1]}x{gt.shape[0]}: SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} '
+                        f'after --crop-border {crop_border}.')
     psnr = calculate_psnr(restored, gt, crop_border, input_order='HWC', test_y_channel=test_y_channel)
     ssim = calculate_ssim(restored, gt, crop_border, input_order='HWC', test_y_channel=test_y_channel)
     return float(psnr), float(ssim)

@@ -193,8 +193,9 @@ def _check_output(args: argparse.Namespace) -> str:
              ('--tolerance', args.tolerance is not None))
     onnx_only = [flag for flag, present in given if present]
     if ext == '.safetensors' and onnx_only:
-        raise ExportConfigError(f"{', '.join(onnx_only)} only apply to ONNX export; -o '{out}' writes the weights only "
-                                '(.safetensors): drop them, or name a .onnx output.')
+        verb = 'is an option' if len(onnx_only) == 1 else 'are options'
+        raise ExportConfigError(f"{', '.join(onnx_only)} {verb} of ONNX export only; -o '{out}' writes the weights "
+                                'only (.safetensors): drop them, or name a .onnx output.')
     if ext == '.onnx':
         args.opset = DEFAULT_OPSET if args.opset is None else args.opset
         args.tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
@@ -242,6 +243,10 @@ def run(args: argparse.Namespace) -> int:
     load_plugins()
     # configuration errors (ConfigError) propagate to mambacsr_arch.cli.main: one line, exit 2, nothing written
     net, network_opt, ext = _prepare(args)
+    from mambacsr_arch.fileio import remove_stale_temp_files
+
+    # a killed export's temporaries of this output (MBs each); another export still running keeps its own
+    remove_stale_temp_files(osp.dirname(osp.abspath(args.output)), targets=osp.basename(args.output).__eq__)
     if ext == '.onnx':
         return _export_and_verify(net, args)
     from mambacsr_arch.models.weights import project_metadata, save_safetensors

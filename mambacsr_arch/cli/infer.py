@@ -402,6 +402,12 @@ def run(args: argparse.Namespace) -> int:
 
     from mambacsr_arch.cli.infer_outputs import network_channels
     from mambacsr_arch.cli.option_checks import print_notes
+    from mambacsr_arch.fileio import remove_stale_temp_files
+
+    ours = {osp.basename(out) for _, out in plan.pairs} | {MANIFEST_NAME}
+    stale = remove_stale_temp_files(args.output, targets=ours.__contains__)  # of killed runs; a live run's stay
+    if stale:
+        print_notes('infer', [f'removed {len(stale)} temporary file(s) a killed run left in {args.output}.'])
 
     channels = network_channels(net)
     notes = LayoutNotes()

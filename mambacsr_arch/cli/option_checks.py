@@ -390,8 +390,8 @@ def check_network(network_opt: Any, key: str = 'network_g', source: str = '', sc
             factor = network_opt.get('upscale', params['upscale'].default)
             origin = '' if 'upscale' in network_opt else f' ({arch} default; the key is not set)'
         if factor != scale:
-            raise OptionError(f'{prefix}{scale_label} is {scale} but {key} upscales x{factor}{origin}, so its output '
-                              f'would not match the x{scale} data. Set {scale_label} and {key}.upscale to the '
+            raise OptionError(f'{prefix}{scale_label} is {scale!r} but {key} upscales x{factor!r}{origin}, so its '
+                              f'output would not match the x{scale} data. Set {scale_label} and {key}.upscale to the '
                               'same factor.')
     return notes
 
@@ -412,6 +412,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _text_number_hint(value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r'[-+]?\d+', value.strip()):
+        return f' (YAML reads {value!r} as text: remove the quotes)'
     if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()) and any(c.isdigit() for c in value):
         return f" (YAML reads {value} as text: write it with a dot, e.g. {value.replace('e', '.0e', 1)}, or as " \
                f'!!float {value})'

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .image_io import read_image_bgr8
 
 __all__ = ['DatasetCheckError', 'image_size', 'lmdb_sizes', 'pair_size_problem', 'check_dataset',
-           'check_training_set', 'expect_metrics', 'ssim_crop_border', 'wrap_build_dataset']
+           'check_training_set', 'expect_metrics', 'metric_crop_border', 'ssim_crop_border', 'wrap_build_dataset']
 
 _SHOWN = 5
 _ORIENTATION = 0x0112
@@ -114,20 +114,28 @@ def ssim_crop_border(metrics: Optional[Dict[str, Any]]) -> Optional[int]:
     return max(borders) if borders else None
 
 
-def _ssim_problem(gt_hw: Tuple[int, int], scale: int, crop_border: int) -> Optional[str]:
+def metric_crop_border(metrics: Optional[Dict[str, Any]]) -> Optional[int]:
+    """The largest ``crop_border`` of any metric in ``metrics`` (None without metrics)."""
+    borders = [int((m or {}).get('crop_border') or 0) for m in (metrics or {}).values() if isinstance(m, dict)]
+    return max(borders) if borders else None
+
+
+def _ssim_problem(gt_hw: Tuple[int, int], scale: int, crop_border: int, window: int = SSIM_WINDOW) -> Optional[str]:
     h, w = gt_hw[0] - gt_hw[0] % scale, gt_hw[1] - gt_hw[1] % scale  # the SR output's size
     left_h, left_w = h - 2 * crop_border, w - 2 * crop_border
-    if min(left_h, left_w) >= SSIM_WINDOW:
+    if min(left_h, left_w) >= window:
         return None
-    return (f'evaluated at {h}x{w}, {max(left_h, 0)}x{max(left_w, 0)} after crop_border {crop_border}: SSIM needs '
-            f'at least {SSIM_WINDOW}x{SSIM_WINDOW}')
+    needs = f'SSIM needs at least {window}x{window}' if window > 1 else 'no pixel is left to score'
+    return f'evaluated at {h}x{w}, {max(left_h, 0)}x{max(left_w, 0)} after crop_border {crop_border}: {needs}'
 
 
-def check_dataset(dataset: Any, dataset_opt: Dict[str, Any], ssim_border: Optional[int] = None) -> int:
+def check_dataset(dataset: Any, dataset_opt: Dict[str, Any], ssim_border: Optional[int] = None,
+                  crop_border: Optional[int] = None) -> int:
     """Check every pair of a built paired dataset against ``scale``; return the number of samples checked.
 
     With ``ssim_border`` (an SSIM metric's ``crop_border``), each evaluated image must also keep an
-    11x11 SSIM window after the crop. Raises :class:`DatasetCheckError` naming the dataset, the option
+    11x11 SSIM window after the crop; with ``crop_border`` (any metric's), at least one pixel (else PSNR is
+    nan). Raises :class:`DatasetCheckError` naming the dataset, the option
     to fix and each bad file.
     """
     pairs = getattr(dataset, 'paths', None)
@@ -161,6 +169,14 @@ def check_dataset(dataset: Any, dataset_opt: Dict[str, Any], ssim_border: Option
                                     f"(val.metrics), checked before training/testing starts: "
                                     f"{'; '.join(small[:_SHOWN])}{more}. Drop the ssim metric, lower its "
                                     f'crop_border, or evaluate on larger images.')
+    if not bad and crop_border:
+        small = [(path, _ssim_problem(hw, scale, crop_border, 1)) for path, hw in zip(gt_paths, gt_sizes)]
+        small = [f"'{path}' ({problem})" for path, problem in small if problem]
+        if small:
+            more = f' (and {len(small) - _SHOWN} more)' if len(small) > _SHOWN else ''
+            raise DatasetCheckError(f"{phase} dataset '{name}': {len(small)} image(s) smaller than twice the metrics' "
+                                    f"crop_border (val.metrics): {'; '.join(small[:_SHOWN])}{more}. Lower "
+                                    'crop_border (the scale, e.g. 4, as in the papers) or evaluate on larger images.')
     if bad:
         more = f' (and {len(bad) - _SHOWN} more)' if len(bad) > _SHOWN else ''
         raise DatasetCheckError(f"{phase} dataset '{name}' cannot be evaluated at scale {scale}, checked before "
@@ -213,7 +229,8 @@ def wrap_build_dataset(build_dataset: Callable) -> Callable:
     def wrapped(dataset_opt: Dict[str, Any]):
         dataset = build_dataset(dataset_opt)
         if dataset_opt.get('phase') != 'train':
-            check_dataset(dataset, dataset_opt, ssim_crop_border(_EXPECTED['metrics']))
+            check_dataset(dataset, dataset_opt, ssim_crop_border(_EXPECTED['metrics']),
+                          metric_crop_border(_EXPECTED['metrics']))
         else:
             check_training_set(dataset, dataset_opt)
         return dataset

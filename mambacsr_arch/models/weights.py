@@ -156,12 +156,14 @@ class Checkpoint:
 
 
 def _is_safetensors(path: str) -> bool:
-    """True for a ``.safetensors`` name, or a file laid out like one (8-byte header size, then a JSON '{')."""
-    if path.lower().endswith(SAFETENSORS_SUFFIX):
-        return True
+    """True for a file laid out like a safetensors one (8-byte header size, then a JSON '{'), or named
+    ``.safetensors`` unless its bytes say torch.save wrote it (a zip): a renamed ``.pth``
+    loads as what it is."""
     with open(path, 'rb') as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b'{' and not head.startswith(b'PK')
+    if head.startswith(b'PK\x03\x04'):  # a zip: torch.save's format (a safetensors header is never 67 MB)
+        return False
+    return path.lower().endswith(SAFETENSORS_SUFFIX) or (len(head) == 9 and head[8:9] == b'{')
 
 
 def _safetensors():
@@ -216,7 +218,8 @@ def open_checkpoint(path: Union[str, os.PathLike]) -> Checkpoint:
         if safetensors_file:
             obj, metadata = _read_safetensors(path)
         else:
-            obj = torch.load(path, map_location='cpu', weights_only=True)
+            with open(path, 'rb') as f:  # a file object: torch 2.14 reads a path named .safetensors as safetensors
+                obj = torch.load(f, map_location='cpu', weights_only=True)
     except ImportError:
         raise
     except Exception as err:  # corrupt, truncated, pickled with code, a zip of something else
@@ -352,6 +355,10 @@ def select_params(checkpoint: Mapping[str, Any], param_key: Optional[str], sourc
     else:
         raise ParamKeyError(f"{source}: param key '{key_used}' not found; the file has {sorted(checkpoint)}. "
                             f'Set path.param_key_g to one of those (or ~ for a bare state dict).')
+    held = [k for k in WRAPPER_KEYS if isinstance(state, Mapping) and isinstance(state.get(k), Mapping)]
+    if key_used is None and len(held) > 1:  # asked for the bare dict: which of the entries is not ours to guess
+        raise ParamKeyError(f"{source} is not a bare state dict (param key none): it holds {', '.join(held)}. "
+                            f'Choose one with --param-key / path.param_key_g.')
     # one nested wrapper more, e.g. {'state_dict': {'params': ...}} or {'model': {'params_ema': ...}}
     if not _is_state_dict(state) and isinstance(state, Mapping) and _find_wrapped(state) is not None:
         inner = _find_wrapped(state)
