@@ -271,8 +271,15 @@ def test_gt_size_larger_than_the_training_images_says_how_many_and_the_largest(t
     opt = options()
     opt['datasets']['train']['dataroot_gt'] = str(tmp_path / 'gt')
     opt['datasets']['val']['dataroot_gt'] = str(tmp_path / 'gt')
-    refused(cli_process('train', opt, tmp_path), '3 of 3 GT images are smaller than gt_size 32',
-            'the largest image is 28x40', 'lower datasets.train.gt_size to 28 or less')
+    os.makedirs(tmp_path / 'experiments' / 'hostile' / 'models')  # an earlier run: BasicSR archives it at start
+    (tmp_path / 'experiments' / 'hostile' / 'models' / 'net_g_5.pth').write_bytes(b'weights')
+    result = cli_process('train', opt, tmp_path)
+    refused(result, '3 of 3 GT images are smaller than gt_size 32', 'the largest image is 28x40',
+            'lower datasets.train.gt_size to 28 or less')
+    # the failed start's own folder is gone and the earlier run has its name back (a retry archived it again)
+    assert os.listdir(tmp_path / 'experiments') == ['hostile'], result[2]
+    assert (tmp_path / 'experiments' / 'hostile' / 'models' / 'net_g_5.pth').read_bytes() == b'weights'
+    assert 'has its name back' in result[2]
 
 
 def test_a_checkpoint_given_as_the_option_file(tmp_path, cli):
@@ -314,6 +321,7 @@ def test_ctrl_c_before_a_command_runs_is_one_line(monkeypatch, capsys):
     ('manual_seed=abc', "manual_seed must be an integer >= 0, got 'abc'"),
     ('train:total_iter="2"', "train.total_iter must be an integer >= 1, got '2' (YAML reads '2' as text: remove the"),
     ('scale="4"', "scale is '4' but network_g upscales x4"),
+    ('val:suffix=/../../x', "val.suffix '/../../x' contains a path separator"),
     ('datasets:train:use_hflip=maybe', "datasets.train.use_hflip must be true or false, got 'maybe'"),
     ('path:strict_load_g=maybe', "path.strict_load_g must be true or false, got 'maybe'"),
     ('path:resume_state=missing.state', "path.resume_state: 'missing.state' is not a file"),

@@ -754,6 +754,10 @@ def check_values(opt: MutableMapping[str, Any], command: str, source: str, famil
     if command == 'train':
         _check_schedule(opt['train'], family, source)
     _check_metrics(opt.get('val'), source)
+    suffix = (opt.get('val') or {}).get('suffix') if isinstance(opt.get('val'), Mapping) else None
+    if isinstance(suffix, str) and any(sep in suffix for sep in ('/', '\\')):
+        raise OptionError(f'{source}: val.suffix {suffix!r} contains a path separator: it is added to each saved '
+                          "image's name (<image>_<suffix>.png); the folder is path.visualization.")
 
 
 def check_sources(opt: Mapping[str, Any], command: str, source: str) -> None:

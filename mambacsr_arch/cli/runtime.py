@@ -18,6 +18,9 @@ BasicSR would fail or ignore an option:
   validates the option file first (:mod:`mambacsr_arch.cli.option_checks`): BasicSR ignores or
   crashes late on misspelt network keys, scale/upscale mismatches, ``val1`` dataset keys and
   list dataroots (the authors' own files use the last two).
+* ``mkdir_and_rename`` (recorded, same behaviour): a start that fails with a user error (e.g. a dataset
+  whose images are smaller than ``gt_size``, found once the datasets are built) removes the experiment
+  folder it made if it holds only logs and the option file, and gives the archived earlier run its name back.
 * dataset pairing and I/O (:func:`patch_datasets`): ``PairedImageDataset`` pairs LQ with GT by stem
   whatever the extension (the authors' ``HR/*.png`` + ``LR_q10/*.jpg``, ``filename_tmpl: '{}x4'``),
   LMDB-backed datasets share one read-only environment per database and process, and every
@@ -386,12 +389,65 @@ def run_pipeline(command: str, argv: Optional[List[str]] = None) -> int:
     patch_basicsr()
     pipeline = getattr(importlib.import_module(f'basicsr.{command}'), f'{command}_pipeline')
     sys.argv = [f'basicsr {command}'] + argv  # BasicSR's parse_options reads sys.argv
+    _MADE.clear()  # only this run's folders may be undone
     try:
         pipeline(root_path=os.getcwd())
     except _user_errors() + (FloatingPointError, ) as err:
         print(f'basicsr {command}: error: {err}', file=sys.stderr, flush=True)
-        return 1 if isinstance(err, FloatingPointError) else EXIT_CONFIG
+        if isinstance(err, FloatingPointError):
+            return 1
+        undo_made_folders(command)
+        return EXIT_CONFIG
     return 0
+
+
+#: (folder, its archived name or None) of every folder BasicSR's ``mkdir_and_rename`` made in this process
+_MADE: List[Tuple[str, Optional[str]]] = []
+_RUN_FILES = ('.log', '.yml', '.yaml')  # what a run that failed before its first iteration has written
+
+
+def record_mkdir_and_rename(mkdir_and_rename: Callable[[str], None]) -> Callable[[str], None]:
+    """BasicSR's ``mkdir_and_rename`` (an existing folder is archived as ``<path>_archived_<time>``), recording
+    what it made and archived, so that :func:`undo_made_folders` can put a failed start back."""
+    if getattr(mkdir_and_rename, '_mambacsr_recorded', False):
+        return mkdir_and_rename
+
+    @functools.wraps(mkdir_and_rename)
+    def wrapped(path: str) -> None:
+        parent = osp.dirname(osp.abspath(path))
+        before = set(os.listdir(parent)) if osp.exists(path) else None
+        mkdir_and_rename(path)
+        archived = None
+        if before is not None:
+            prefix = f'{osp.basename(osp.abspath(path))}_archived_'
+            new = sorted(n for n in set(os.listdir(parent)) - before if n.startswith(prefix))
+            archived = osp.join(parent, new[-1]) if new else None
+        _MADE.append((path, archived))
+
+    wrapped._mambacsr_recorded = True
+    return wrapped
+
+
+def undo_made_folders(command: str) -> None:
+    """After a start that failed with a user error: remove each folder this process made that holds only logs
+    and the copied option file, and give an archived earlier run its name back (else a repeated typo archived
+    the real experiment again on every try, breaking paths into it). Anything else in the folder keeps it."""
+    import shutil
+
+    while _MADE:
+        path, archived = _MADE.pop()
+        if not osp.isdir(path):
+            continue
+        files = [osp.join(d, f) for d, _, names in os.walk(path) for f in names]
+        if any(not f.endswith(_RUN_FILES) and not osp.basename(f).startswith('events.out.tfevents') for f in files):
+            continue
+        shutil.rmtree(path)
+        back = ''
+        if archived and osp.isdir(archived) and not osp.exists(path):
+            os.rename(archived, path)
+            back = f", and '{osp.basename(archived)}' has its name back"
+        print(f"basicsr {command}: note: removed '{path}', made by this failed start{back}.", file=sys.stderr,
+              flush=True)
 
 
 def normalize_argv(argv: List[str]) -> List[str]:
@@ -430,11 +486,14 @@ def patch_basicsr() -> None:
     import basicsr.test as basicsr_test
     import basicsr.train as basicsr_train
     import basicsr.utils.dist_util as dist_util
+    import basicsr.utils.misc as misc
     import basicsr.utils.options as options
     from basicsr.models.base_model import BaseModel
 
     from mambacsr_arch.models.distributed import model_to_device
 
+    misc.mkdir_and_rename = record_mkdir_and_rename(misc.mkdir_and_rename)
+    basicsr_train.mkdir_and_rename = record_mkdir_and_rename(basicsr_train.mkdir_and_rename)
     dist_util.init_dist = init_dist
     options.init_dist = init_dist
     basicsr_train.load_resume_state = load_resume_state
