@@ -360,5 +360,9 @@ def test_network_values_its_constructor_refuses(cli, entry, fragment):
 def test_a_resume_state_holding_python_objects_is_refused_without_suggesting_an_unsafe_load(cli, tmp_path):
     torch.save({'iter': Payload()}, tmp_path / 'x.state')
     error = refused(cli('train', options(), '--force_yml', f'path:resume_state={tmp_path}/x.state'),
-                    'holds pickled Python objects', 'refused (loading it could run code)')
+                    'holds pickled Python objects', 'refused, as loading it could run code')
+    assert 'weights_only' not in error
+    (tmp_path / 'y.state').write_bytes(b'x\n')
+    error = refused(cli('train', options(), '--force_yml', f'path:resume_state={tmp_path}/y.state'),
+                    'is not a file torch.save wrote')
     assert 'weights_only' not in error

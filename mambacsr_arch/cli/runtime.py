@@ -147,13 +147,13 @@ def read_training_state(opt: Dict[str, Any], path: str) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=process_device(), weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, I/O error: all make the file unusable
-        import pickle
-
-        if isinstance(err, pickle.UnpicklingError):  # torch's text goes on to suggest an unsafe load: not ours
-            raise UnusableStateError(f"training state '{path}' holds pickled Python objects, which a training state "
-                                     'of BasicSR does not; refused (loading it could run code). Is it a '
-                                     '.state file of experiments/<name>/training_states?') from err
-        first = (str(err).strip().splitlines() or [''])[0]
+        text = str(err)
+        if 'Weights only load failed' in text:  # torch's text goes on to suggest an unsafe load: not ours
+            what = ('holds pickled Python objects, which a training state of BasicSR does not; refused, as loading '
+                    'it could run code' if 'Unsupported global' in text else 'is not a file torch.save wrote')
+            raise UnusableStateError(f"training state '{path}' {what} (is it a .state file of "
+                                     'experiments/<name>/training_states?)') from err
+        first = (text.strip().splitlines() or [''])[0]
         raise UnusableStateError(f"training state '{path}' cannot be loaded, it is truncated or corrupt "
                                  f'({type(err).__name__}: {first})') from err
     lacking = [key for key in ('iter', 'epoch', 'optimizers', 'schedulers')
