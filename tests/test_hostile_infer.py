@@ -326,3 +326,13 @@ def test_temporaries_of_a_killed_run_are_removed_on_the_next_run(tmp_path, net_a
     assert _infer('-i', tmp_path / 'in', '-o', out, *net_args) == 0
     assert 'removed 2 temporary file(s) a killed run left' in capsys.readouterr().err
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_opencv_says_nothing_of_its_own_about_a_truncated_image(tmp_path, net_args, capfd):
+    """OpenCV printed '[ WARN:0@1.1] ... PNG input buffer is incomplete' beside our one report of the file."""
+    _images(tmp_path / 'in', ['a.png'], size=(64, 64))
+    data = (tmp_path / 'in' / 'a.png').read_bytes()
+    (tmp_path / 'in' / 'a.png').write_bytes(data[:len(data) // 2])
+    assert _infer('-i', tmp_path / 'in', '-o', tmp_path / 'out', *net_args) == 1
+    err = capfd.readouterr().err
+    assert 'a.png: cannot decode image' in err and 'WARN' not in err and '[ERROR' not in err, err

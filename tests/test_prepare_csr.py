@@ -210,6 +210,8 @@ def test_usage_errors_exit_2_and_write_nothing(gt_dir, tmp_path, capsys):
     assert cli_main(base + ['--quality', '10', '--crop', '30']) == 2
     assert 'multiple of --scale' in capsys.readouterr().err
     assert cli_main(base + ['--quality', '0']) == 2
+    assert cli_main(base + ['--quality', '10', '--thresh', '-1']) == 2  # ignored without --crop before
+    assert '--thresh needs --crop' in capsys.readouterr().err
     assert cli_main(['prepare-csr', '--gt', str(tmp_path / 'none'), '--out', str(out), '--quality', '10']) == 2
     assert 'none' in capsys.readouterr().err
     assert not out.exists()

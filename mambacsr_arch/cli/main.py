@@ -45,6 +45,18 @@ def _usage() -> str:
     return '\n'.join(lines)
 
 
+def _quiet_opencv() -> None:
+    """Silence OpenCV's own log lines (``[ WARN:0@1.1] ... PNG input buffer is incomplete``, ``[ERROR:0@...]
+    imdecode_``) in the CLI's process: every unreadable image is reported once, by us, naming the file. The
+    library itself leaves OpenCV's settings alone."""
+    try:
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except (ImportError, AttributeError):  # no OpenCV, or a build without the logging module: nothing to quiet
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
@@ -54,6 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"basicsr: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
+    _quiet_opencv()
     try:
         if command in SCANS:  # train/test check in run_pipeline; env reports a bad setting
             from mambacsr_arch.ops import check_environment

@@ -292,8 +292,8 @@ def _check_config(cfg: PrepareConfig) -> PrepareConfig:
                                    'sub-images stay aligned.')
         if thresh < 0:
             raise PrepareError(f'--thresh: must be >= 0, got {thresh}.')
-    elif step is not None:
-        raise PrepareError('--step needs --crop.')
+    elif step is not None or thresh:
+        raise PrepareError(f"{'--step' if step is not None else '--thresh'} needs --crop.")
     if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
         raise PrepareError(f'--workers: expected a positive number of processes, got {cfg.workers!r} (e.g. '
                            '--workers 1).')
