@@ -366,3 +366,14 @@ def test_a_resume_state_holding_python_objects_is_refused_without_suggesting_an_
     error = refused(cli('train', options(), '--force_yml', f'path:resume_state={tmp_path}/y.state'),
                     'is not a file torch.save wrote')
     assert 'weights_only' not in error
+
+
+def test_the_constructor_check_leaves_the_seeded_random_stream_alone():
+    """check_options builds our networks once; the seeded network BasicSR builds next must get the same weights."""
+    from mambacsr_arch.cli.option_checks import check_network
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check_network(dict(TINY_MAMBACSR), build=True)
+    assert torch.equal(torch.rand(3), expected)

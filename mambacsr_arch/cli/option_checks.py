@@ -374,9 +374,12 @@ def check_network(network_opt: Any, key: str = 'network_g', source: str = '', sc
                           'remove the key (an ignored key would build another network than the one asked for).')
     required = [name for name, p in params.items() if p.default is p.empty and name not in network_opt]
     if build and ours and not required:  # values: what infer's build_and_load says, before any folder is made
+        import torch
+
         kwargs = {k: v for k, v in network_opt.items() if k != 'type'}
         try:
-            cls(**kwargs)
+            with torch.random.fork_rng(devices=[]):  # the seeded network built later gets the same weights
+                cls(**kwargs)
         except (TypeError, ValueError, KeyError, ZeroDivisionError) as err:
             raise OptionError(f'{prefix}{key}: {arch} cannot be built with these values: {err}') from err
     if required:
@@ -585,6 +588,8 @@ def check_options(opt: MutableMapping[str, Any], command: str, source: str) -> L
     ``padding_size`` / ``val.use_amp`` settings (the resolver ``basicsr infer`` uses); and
     ``path.pretrain_network_g`` (readable, and of ``network_g.type`` when loaded strictly).
     ``val.save_img`` (absent: false) and, for test, ``val.suffix`` (absent: ~) are defaulted with a note.
+    Also misspelt sections, text flags, ``num_gpu``, our networks built once (:func:`check_network`) and
+    :func:`check_values`. The files named (datasets, resume state, test weights): :func:`check_sources`.
     """
     _, dataset_registry, model_registry = _registries()
     notes = normalize_dataset_keys(opt, command, source)
