@@ -231,5 +231,6 @@ def describe_mismatch(model: Any, state_dict: Mapping[str, Any], source: str = '
                        f'{tuple(state_dict[key].shape)} in the checkpoint vs {tuple(own[key].shape)} in the model.')
     shapes = [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}' for k in wrong]
     lines = format_mismatch(header, missing, unexpected, shapes, hints, no_hint, limit=limit)
-    lines.append('  (path.strict_load_g: false loads the matching keys only.)')
+    if not foreign:  # loading the few keys two architectures share would be nonsense
+        lines.append('  (path.strict_load_g: false loads the matching keys only.)')
     return '\n'.join(lines)
