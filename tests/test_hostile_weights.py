@@ -191,3 +191,13 @@ def test_a_pth_renamed_safetensors_loads_as_what_it_is(tmp_path):
 
     torch.save({'params': {'w': torch.ones(2)}}, tmp_path / 'net.safetensors')
     assert torch.equal(read_checkpoint(tmp_path / 'net.safetensors')['params']['w'], torch.ones(2))
+
+
+def test_arch_opt_type_points_at_arch():
+    """--arch-opt type=HAT went on to report 'upscales x1 (upsampler '')'."""
+    from mambacsr_arch.cli.common import parse_arch_opts
+    from mambacsr_arch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="the architecture is --arch HAT; --arch-opt sets its constructor options"):
+        parse_arch_opts(['embed_dim=60', 'type=HAT'])
+    assert parse_arch_opts(['embed_dim=60']) == {'embed_dim': 60}

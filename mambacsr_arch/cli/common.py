@@ -59,6 +59,9 @@ def parse_arch_opts(items: Sequence[str]) -> Dict[str, Any]:
         key, sep, value = item.partition('=')
         if not sep or not key.strip():
             raise ConfigError(f"--arch-opt '{item}' is not KEY=VALUE (e.g. embed_dim=60).")
+        if key.strip() == 'type':
+            raise ConfigError(f"--arch-opt '{item}': the architecture is --arch {value.strip() or '<name>'}; "
+                              '--arch-opt sets its constructor options.')
         try:
             kwargs[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as err:
