@@ -172,8 +172,10 @@ def test_train_stops_on_a_3x2_val_image_before_the_first_iteration(tmp_path, mon
     err = capsys.readouterr().err
     assert re.search(r"basicsr train: error: val dataset 'tiny_val'.*rocket\.png': GT is 3x2, smaller than scale 4",
                      err), err
-    # the training set was built, then the check stopped the run: no model, no iteration, no checkpoint
-    assert built == ['train', 'tiny_val'] and not os.listdir(tmp_path / 'exp' / 'models')
+    # the training set was built, then the check stopped the run: no model, no iteration, no checkpoint, and the
+    # experiment folder this failed start made (logs only) is gone again
+    assert built == ['train', 'tiny_val'] and not (tmp_path / 'exp').exists()
+    assert f"removed '{tmp_path / 'exp'}', made by this failed start" in err
 
 
 def spy(function, calls):
