@@ -207,7 +207,8 @@ def plan_outputs(inputs: Sequence[str], out_dir: str, suffix: str, ext: str,
         out = output_path(path, out_dir, suffix, ext)
         # realpath first: 'missing/../in' reaches 'in' once infer has made 'missing'; stat follows links, so an
         # output resolving to an input is caught too
-        out_id = _file_id(osp.realpath(out))
+        real = osp.realpath(out)
+        out_id = _file_id(real)
         same = input_ids.get(out_id) if out_id is not None else None
         if same == path:
             conflicts.append(f"'{path}': the output '{out}' is this input itself; fix: --suffix _x4, another --ext "
@@ -215,13 +216,13 @@ def plan_outputs(inputs: Sequence[str], out_dir: str, suffix: str, ext: str,
         elif same is not None:
             conflicts.append(f"'{path}': the output '{out}' is the input '{same}'; fix: --suffix _x4, another --ext "
                              f"or {other_dir} (if '{same}' came from an earlier run, move it out of the folder)")
-        elif osp.realpath(out) in claimed:
-            conflicts.append(f"'{claimed[osp.realpath(out)]}' and '{path}' would both be written to '{out}' (one "
+        elif real in claimed:
+            conflicts.append(f"'{claimed[real]}' and '{path}' would both be written to '{out}' (one "
                              f'stem); fix: rename one of them, or restore them into separate -o folders')
         elif osp.isdir(out):
             conflicts.append(f"'{path}': the output '{out}' is an existing folder; fix: --suffix, --ext or "
                              f'{other_dir}')
-        claimed.setdefault(osp.realpath(out), path)
+        claimed.setdefault(real, path)
         pairs.append((path, out))
     if conflicts:
         shown = conflicts[:20] + ([f'... and {len(conflicts) - 20} more'] if len(conflicts) > 20 else [])

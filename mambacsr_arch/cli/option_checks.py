@@ -641,14 +641,13 @@ def _check_top_level(opt: Mapping[str, Any], source: str) -> None:
         if key not in SECTIONS + _ADDED and close and close[0] not in opt:
             raise OptionError(f"{source}: unknown top-level key '{key}' (did you mean '{close[0]}'?); BasicSR would "
                               'ignore it.')
-    for section, keys in _FLAGS.items():
-        parts = (opt.get('datasets') or {}).items() if section == 'datasets.*' else [(section, opt.get(section))]
-        for name, part in parts:
-            where = f'datasets.{name}' if section == 'datasets.*' else section
-            for key in keys:
-                value = part.get(key) if isinstance(part, Mapping) else None
-                if value is not None and not isinstance(value, bool):
-                    raise OptionError(f'{source}: {where}.{key} must be true or false, got {value!r}.')
+    sections = [(f'datasets.{name}', part, _FLAGS['datasets.*']) for name, part in (opt.get('datasets') or {}).items()]
+    sections += [(name, opt.get(name), keys) for name, keys in _FLAGS.items() if name != 'datasets.*']
+    for where, part, keys in sections:
+        for key in keys:
+            value = part.get(key) if isinstance(part, Mapping) else None
+            if value is not None and not isinstance(value, bool):
+                raise OptionError(f'{source}: {where}.{key} must be true or false, got {value!r}.')
     num_gpu = opt.get('num_gpu', 'auto')
     if num_gpu != 'auto' and num_gpu is not None:
         _int_at_least(num_gpu, 0, f'{source}: num_gpu', "or 'auto' (every visible GPU, else the CPU).")
@@ -698,7 +697,9 @@ def _check_schedule(train: Mapping[str, Any], family: str, source: str) -> None:
     for key in losses:
         loss = dict(train[key]) if isinstance(train[key], Mapping) else {}
         cls = _check_type(LOSS_REGISTRY, loss.pop('type', None), f'{source}: train.{key}.type', 'loss')
-        if key == 'pixel_opt':  # the class itself: build_loss would start BasicSR's logger before its log file
+        # the pixel loss's class itself (build_loss would start BasicSR's logger before its log file); a
+        # perceptual loss is not built here: it would load its VGG weights now
+        if key == 'pixel_opt':
             try:
                 cls(**loss)
             except (TypeError, ValueError, KeyError) as err:
@@ -731,8 +732,8 @@ def _check_dataset_sources(opt: Mapping[str, Any], command: str, source: str) ->
                           'each epoch repeats the images that many times (1: once).')
         kind = dataset.get('type')
         needed = {'PairedImageDataset': DATAROOT_KEYS, 'JPEGDegradedPairedDataset': ('dataroot_gt',)}.get(kind, ())
-        backend = (dataset.get('io_backend') or {}).get('type', 'disk') if isinstance(dataset.get('io_backend'),
-                                                                                     Mapping) else None
+        io_backend = dataset.get('io_backend')
+        backend = io_backend.get('type', 'disk') if isinstance(io_backend, Mapping) else None
         for key in needed:
             root = dataset.get(key)
             if not root:
@@ -759,7 +760,7 @@ def check_values(opt: MutableMapping[str, Any], command: str, source: str, famil
     if command == 'train':
         _check_schedule(opt['train'], family, source)
     _check_metrics(opt.get('val'), source)
-    suffix = (opt.get('val') or {}).get('suffix') if isinstance(opt.get('val'), Mapping) else None
+    suffix = opt['val'].get('suffix') if isinstance(opt.get('val'), Mapping) else None
     if isinstance(suffix, str) and any(sep in suffix for sep in ('/', '\\')):
         raise OptionError(f'{source}: val.suffix {suffix!r} contains a path separator: it is added to each saved '
                           "image's name (<image>_<suffix>.png); the folder is path.visualization.")

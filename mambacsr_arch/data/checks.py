@@ -107,17 +107,17 @@ def expect_metrics(metrics: Optional[Dict[str, Any]]) -> None:
     _EXPECTED['metrics'] = metrics
 
 
+def metric_crop_border(metrics: Optional[Dict[str, Any]], types: Optional[Tuple[str, ...]] = None) -> Optional[int]:
+    """The largest ``crop_border`` of the metrics in ``metrics`` (a ``val.metrics`` mapping), of the ``types``
+    given (default: all); None without such a metric."""
+    borders = [int(m.get('crop_border') or 0) for m in (metrics or {}).values()
+               if isinstance(m, dict) and (types is None or m.get('type') in types)]
+    return max(borders) if borders else None
+
+
 def ssim_crop_border(metrics: Optional[Dict[str, Any]]) -> Optional[int]:
-    """The largest ``crop_border`` of the SSIM metrics in ``metrics`` (a ``val.metrics`` mapping), None without SSIM."""
-    borders = [int((m or {}).get('crop_border') or 0) for m in (metrics or {}).values()
-               if isinstance(m, dict) and m.get('type') in SSIM_METRICS]
-    return max(borders) if borders else None
-
-
-def metric_crop_border(metrics: Optional[Dict[str, Any]]) -> Optional[int]:
-    """The largest ``crop_border`` of any metric in ``metrics`` (None without metrics)."""
-    borders = [int((m or {}).get('crop_border') or 0) for m in (metrics or {}).values() if isinstance(m, dict)]
-    return max(borders) if borders else None
+    """The largest ``crop_border`` of the SSIM metrics in ``metrics``, None without SSIM."""
+    return metric_crop_border(metrics, tuple(SSIM_METRICS))
 
 
 def _ssim_problem(gt_hw: Tuple[int, int], scale: int, crop_border: int, window: int = SSIM_WINDOW) -> Optional[str]:
